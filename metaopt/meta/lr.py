@@ -1,0 +1,328 @@
+"""Meta-training a learned LR controller with truncated backprop through training.
+
+Several *lanes* train side by side, each on its own task drawn from a
+:class:`~metaopt.tasks.TaskFamily` (dataset, width, depth, batch size, training
+length) with a vmapped population of inner runs that differ in seed. Every meta
+step advances each lane by one truncation segment and averages the TBPTT
+meta-gradients; the meta-loss is the log validation loss averaged over the
+segment's steps, which counters the short-horizon bias of judging only its end.
+When a lane's run reaches its ``total_steps`` (or goes non-finite) it starts a
+new task. Everything random derives from ``seed``, so a run killed at any point
+and resumed from its orbax checkpoint ends with the same ``theta``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from metaopt import estimators
+from metaopt.checkpoint import Checkpoints
+from metaopt.schedules.learned_lr import (LRController, current_lr, init_controller,
+                                          scale_by_learned_lr, with_theta)
+from metaopt.tasks import TaskConfig, TaskFamily, make_task
+from metaopt.unroll import InnerProblem
+
+PyTree = Any
+VAL_BATCH = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaLRConfig:
+  """Settings of :func:`meta_train`."""
+  family: TaskFamily
+  lanes: int = 4                 # tasks trained side by side each meta step
+  population: int = 2            # seeds per lane, vmapped
+  segment_length: int = 25       # inner steps per truncation
+  meta_steps: int = 300
+  meta_lr: float = 3e-3
+  clip_norm: float = 1.0         # global-norm clip of the meta-gradient
+  base_lr: float = 1e-3
+  hidden: tuple = (32, 32)
+  min_lr_factor: float = 1e-2
+  max_lr_factor: float = 10.0
+  max_log_change: float = 0.25
+  response_time: float = 0.02
+  min_response_steps: float = 10.0
+  checkpoint_every: int = 50
+  seed: int = 0
+
+  def __post_init__(self):
+    for name in ("lanes", "population", "segment_length", "meta_steps", "checkpoint_every"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    for name in ("meta_lr", "clip_norm", "base_lr"):
+      if not getattr(self, name) > 0:
+        raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+    bad = [s for s in self.family.total_steps if s % self.segment_length]
+    if bad:
+      raise ValueError(f"training lengths {bad} are not multiples of "
+                       f"segment_length={self.segment_length}")
+
+  @property
+  def settings(self) -> dict:
+    """Keyword arguments of :func:`scale_by_learned_lr` besides base_lr/total_steps."""
+    return dict(min_lr_factor=self.min_lr_factor, max_lr_factor=self.max_lr_factor,
+                max_log_change=self.max_log_change, response_time=self.response_time,
+                min_response_steps=self.min_response_steps)
+
+
+class InnerState(NamedTuple):
+  params: PyTree
+  opt_state: PyTree
+  key: jax.Array   # raw uint32 key; step t draws fold_in(fold_in(key, t), 0/1)
+  step: jax.Array
+
+
+def learned_lr_tx(controller, theta, config: MetaLRConfig, total_steps):
+  """Adam directions scaled by the learned LR (``eps_root`` keeps meta-grads finite)."""
+  return optax.chain(
+      optax.scale_by_adam(eps_root=1e-8),
+      scale_by_learned_lr(controller, theta, base_lr=config.base_lr,
+                          total_steps=total_steps, **config.settings))
+
+
+def lr_problem(task, arrays: dict, controller, config: MetaLRConfig,
+               total_steps) -> InnerProblem:
+  """The inner problem: train ``task`` with the controller; meta-loss = log val loss."""
+  tx = learned_lr_tx(controller, None, config, total_steps)
+
+  def init(theta, key):
+    params = task.init(jax.random.fold_in(key, 0))
+    opt_state = learned_lr_tx(controller, theta, config, total_steps).init(params)
+    return InnerState(params, opt_state, key, jnp.zeros((), jnp.int32))
+
+  def step(theta, state, _):
+    key = jax.random.fold_in(jax.random.fold_in(state.key, state.step), 0)
+    loss, grads = jax.value_and_grad(task.loss)(state.params, task.sample_batch(arrays, key))
+    # theta enters through the state; re-inserting it is what jax.grad differentiates.
+    updates, opt_state = tx.update(grads, with_theta(state.opt_state, theta),
+                                   state.params, value=loss)
+    new = InnerState(optax.apply_updates(state.params, updates), opt_state,
+                     state.key, state.step + 1)
+    return new, {"loss": loss, "learning_rate": current_lr(opt_state)}
+
+  def meta_loss(theta, state, _):
+    key = jax.random.fold_in(jax.random.fold_in(state.key, state.step), 1)
+    batch = task.sample_batch(arrays, key, split="val", batch_size=VAL_BATCH)
+    return jnp.log(task.loss(state.params, batch))
+
+  return InnerProblem(init=init, step=step, meta_loss=meta_loss)
+
+
+def _finite_mean(values, grads):
+  """Mean of the members whose loss and gradient are finite, and how many were not."""
+  ok = jnp.isfinite(values)
+  for g in jax.tree.leaves(grads):
+    ok &= jnp.all(jnp.isfinite(g.reshape(g.shape[0], -1)), axis=1)
+  n = jnp.sum(ok)
+  mean = lambda x: jnp.sum(jnp.where(ok.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0.0), 0) / jnp.maximum(n, 1)
+  return mean(values), jax.tree.map(mean, grads), n
+
+
+class _LaneFns(NamedTuple):
+  init: Any
+  segment: Any
+
+
+class _Lane(NamedTuple):
+  round: int
+  t: int
+  config: TaskConfig
+  task: Any
+  states: PyTree
+
+
+class MetaTrainResult(NamedTuple):
+  theta: PyTree
+  controller: LRController
+  history: list        # one dict of metrics per meta step
+  skipped_members: int  # inner runs whose meta-gradient was non-finite, dropped
+  skipped_steps: int    # meta steps with no finite meta-gradient at all
+  seconds: float
+
+
+class MetaTrainer:
+  """The meta-training loop; see :func:`meta_train`."""
+
+  def __init__(self, config: MetaLRConfig):
+    self.config = config
+    self.controller = LRController(hidden=tuple(config.hidden))
+    self.meta_opt = optax.chain(optax.clip_by_global_norm(config.clip_norm),
+                                optax.adam(config.meta_lr))
+    self.root = jax.random.PRNGKey(config.seed)
+    self._fns: dict = {}
+    self._apply = jax.jit(self._apply_update)
+
+  # --- lanes -------------------------------------------------------------------
+
+  def _fns_for(self, task) -> _LaneFns:
+    """Jitted init/segment functions, compiled once per task *shape*.
+
+    ``total_steps`` and the data are arguments, so tasks that differ only in
+    training length or seed share the compiled code.
+    """
+    c = task.config
+    shape_key = (c.dataset, c.model, c.width, c.depth, c.batch_size)
+    if shape_key not in self._fns:
+      config, controller, K = self.config, self.controller, self.config.segment_length
+
+      def init(theta, keys, arrays, total_steps):
+        problem = lr_problem(task, arrays, controller, config, total_steps)
+        return jax.vmap(problem.init, in_axes=(None, 0))(theta, keys)
+
+      def segment(theta, states, arrays, total_steps):
+        problem = lr_problem(task, arrays, controller, config, total_steps)
+        est = jax.vmap(lambda s: estimators.tbptt(problem, theta, s, None, None,
+                                                  length=K))(states)
+        loss, grad, n_ok = _finite_mean(est.meta_loss, est.grad)
+        lr = est.metrics["learning_rate"]
+        return loss, grad, n_ok, est.state, jnp.mean(lr), jnp.mean(est.metrics["loss"])
+
+      self._fns[shape_key] = _LaneFns(jax.jit(init), jax.jit(segment))
+    return self._fns[shape_key]
+
+  def _lane_config(self, lane: int, round_: int) -> TaskConfig:
+    key = jax.random.fold_in(jax.random.fold_in(self.root, 1000 + lane), round_)
+    return self.config.family.sample(key)
+
+  def _start_lane(self, theta, lane: int, round_: int, states=None) -> _Lane:
+    config = self._lane_config(lane, round_)
+    task = make_task(config)
+    if states is None:
+      keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(config.seed), i))(
+          jnp.arange(self.config.population))
+      states = self._fns_for(task).init(theta, keys, task.arrays(),
+                                        jnp.float32(config.total_steps))
+    return _Lane(round_, 0, config, task, states)
+
+  # --- meta update ---------------------------------------------------------------
+
+  def _apply_update(self, theta, opt_state, grad):
+    updates, opt_state = self.meta_opt.update(grad, opt_state, theta)
+    return optax.apply_updates(theta, updates), opt_state, optax.global_norm(grad)
+
+  def _fresh(self):
+    theta = init_controller(jax.random.fold_in(self.root, 0), self.controller)
+    lanes = [self._start_lane(theta, i, 0) for i in range(self.config.lanes)]
+    return theta, self.meta_opt.init(theta), lanes
+
+  def _target(self, progress: dict):
+    """Abstract checkpoint target for the lanes recorded in ``progress``."""
+    theta = init_controller(jax.random.fold_in(self.root, 0), self.controller)
+    states = []
+    for i, lane in enumerate(progress["lanes"]):
+      task = make_task(self._lane_config(i, lane["round"]))
+      keys = jnp.zeros((self.config.population, 2), jnp.uint32)
+      states.append(jax.eval_shape(self._fns_for(task).init, theta, keys, task.arrays(),
+                                   jnp.float32(1.0)))
+    return {"theta": theta, "meta_opt_state": self.meta_opt.init(theta), "lanes": states}
+
+  def run(self, out_dir: Optional[str] = None, *, progress: bool = True,
+          stop_after: Optional[int] = None) -> MetaTrainResult:
+    """Meta-trains, resuming from ``out_dir``'s checkpoints when there are any.
+
+    ``stop_after`` ends the loop early at that meta step, as a kill would
+    (for tests of resume).
+    """
+    cfg = self.config
+    start_time = time.perf_counter()
+    ckpt = metrics_file = None
+    restored = None
+    if out_dir is not None:
+      out = pathlib.Path(out_dir)
+      out.mkdir(parents=True, exist_ok=True)
+      ckpt = Checkpoints(out / "checkpoints", every=cfg.checkpoint_every)
+      restored = ckpt.restore(self._target)
+      metrics_file = out / "metrics.jsonl"
+
+    history: list = []
+    if restored is None:
+      theta, opt_state, lanes = self._fresh()
+      start, skipped_members, skipped_steps = 0, 0, 0
+    else:
+      start, state, prog = restored
+      theta, opt_state = state["theta"], state["meta_opt_state"]
+      lanes = [self._start_lane(theta, i, lp["round"], states)._replace(t=lp["t"])
+               for i, (lp, states) in enumerate(zip(prog["lanes"], state["lanes"]))]
+      skipped_members, skipped_steps = prog["skipped_members"], prog["skipped_steps"]
+    if metrics_file is not None:  # keep the lines up to the restored step only
+      old = metrics_file.read_text().splitlines() if metrics_file.exists() else []
+      history = [json.loads(l) for l in old if l.strip()]
+      history = [h for h in history if h["meta_step"] < start]
+      metrics_file.write_text("".join(json.dumps(h) + "\n" for h in history))
+
+    end = cfg.meta_steps if stop_after is None else min(cfg.meta_steps, stop_after)
+    bar = tqdm(total=cfg.meta_steps, initial=start, disable=not progress,
+               desc="meta-training", unit="step", dynamic_ncols=True)
+    for meta_step in range(start, end):
+      grads, weights, losses, lrs, names = [], [], [], [], []
+      for i, lane in enumerate(lanes):
+        fns = self._fns_for(lane.task)
+        loss, grad, n_ok, states, lr, _ = fns.segment(
+            theta, lane.states, lane.task.arrays(), jnp.float32(lane.config.total_steps))
+        n_ok = int(n_ok)
+        skipped_members += cfg.population - n_ok
+        if n_ok:
+          grads.append(grad)
+          weights.append(n_ok)
+          losses.append(float(loss))
+          lrs.append(float(lr))
+        names.append(lane.config.name)
+        t = lane.t + cfg.segment_length
+        if n_ok < cfg.population or t >= lane.config.total_steps:
+          lanes[i] = self._start_lane(theta, i, lane.round + 1)
+        else:
+          lanes[i] = lane._replace(t=t, states=states)
+      if grads:
+        w = np.asarray(weights, np.float32) / sum(weights)
+        grad = jax.tree.map(lambda *g: sum(wi * gi for wi, gi in zip(w, g)), *grads)
+        theta, opt_state, gnorm = self._apply(theta, opt_state, grad)
+        gnorm = float(gnorm)
+      else:
+        skipped_steps += 1
+        gnorm = float("nan")
+      record = {"meta_step": meta_step,
+                "meta_loss": float(np.average(losses, weights=weights)) if losses else None,
+                "meta_grad_norm": gnorm, "mean_lr": float(np.mean(lrs)) if lrs else None,
+                "skipped_members": skipped_members, "skipped_steps": skipped_steps,
+                "tasks": names}
+      history.append(record)
+      if metrics_file is not None:
+        with metrics_file.open("a") as f:
+          f.write(json.dumps(record) + "\n")
+      if ckpt is not None:
+        step_done = meta_step + 1
+        ckpt.save(step_done, {"theta": theta, "meta_opt_state": opt_state,
+                              "lanes": [l.states for l in lanes]},
+                  {"lanes": [{"round": l.round, "t": l.t} for l in lanes],
+                   "skipped_members": skipped_members, "skipped_steps": skipped_steps},
+                  force=step_done == cfg.meta_steps)
+      bar.update(1)
+      if record["meta_loss"] is not None:
+        bar.set_postfix(meta_loss=f"{record['meta_loss']:.3f}", lr=f"{record['mean_lr']:.2e}")
+    bar.close()
+    if ckpt is not None:
+      ckpt.close()
+    return MetaTrainResult(theta, self.controller, history, skipped_members,
+                           skipped_steps, time.perf_counter() - start_time)
+
+
+def meta_train(config: MetaLRConfig, out_dir: Optional[str] = None, *,
+               progress: bool = True, stop_after: Optional[int] = None) -> MetaTrainResult:
+  """Meta-trains an :class:`LRController` on ``config.family``.
+
+  With ``out_dir`` it writes ``metrics.jsonl`` (one line per meta step) and
+  orbax checkpoints every ``config.checkpoint_every`` steps, and resumes from
+  the latest checkpoint found there.
+  """
+  return MetaTrainer(config).run(out_dir, progress=progress, stop_after=stop_after)

@@ -1,0 +1,15 @@
+"""Optax transforms that set the learning rate."""
+
+from metaopt.schedules.learned_lr import (
+    FEATURE_NAMES,
+    LearnedLRSchedule,
+    LearnedLRState,
+    LRController,
+    current_lr,
+    init_controller,
+    load_controller,
+    pretrained_lr,
+    save_controller,
+    scale_by_learned_lr,
+    with_theta,
+)

@@ -1,0 +1,19 @@
+"""Tasks: offline datasets, small Flax models, and task families that sample them."""
+
+from metaopt.tasks.data import DATASETS, Dataset, load_dataset
+from metaopt.tasks.family import Task, TaskConfig, TaskFamily, make_task, task_family
+from metaopt.tasks.models import CNN, MLP, make_model
+
+__all__ = [
+    "DATASETS",
+    "Dataset",
+    "load_dataset",
+    "MLP",
+    "CNN",
+    "make_model",
+    "TaskConfig",
+    "Task",
+    "make_task",
+    "TaskFamily",
+    "task_family",
+]

@@ -1,0 +1,74 @@
+"""The `metaopt` command end to end on a tiny configuration, and its error handling."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+
+from metaopt import cli
+from metaopt.experiments import lr_schedule
+from metaopt.tasks import TaskConfig
+
+
+def metaopt(*args):
+  return subprocess.run([sys.executable, "-m", "metaopt.cli", *args],
+                        capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_every_command():
+  out = metaopt("--help")
+  assert out.returncode == 0
+  for command in ("run", "list"):
+    assert command in out.stdout
+  run_help = metaopt("run", "--help")
+  assert "lr-schedule" in run_help.stdout and "--quick" in run_help.stdout
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("run", "no-such-experiment"), "unknown experiment 'no-such-experiment'; accepted: lr-schedule"),
+    (("run", "lr-schedule", "--meta-steps", "0"), "--meta-steps must be >= 1, got 0"),
+    (("run", "lr-schedule", "--seed", "abc"), "invalid int value: 'abc'"),
+    (("frobnicate",), "invalid choice: 'frobnicate'"),
+])
+def test_user_errors_print_one_line_and_exit_2(args, needle):
+  out = metaopt(*args)
+  assert out.returncode == 2
+  assert out.stderr.strip().count("\n") == 0, out.stderr
+  assert needle in out.stderr and "Traceback" not in out.stderr
+
+
+QUICK = lr_schedule.quick_config
+
+
+def tiny_quick(seed=0):
+  config = QUICK(seed)
+  return dataclasses.replace(
+      config, meta=dataclasses.replace(config.meta, meta_steps=4, checkpoint_every=2),
+      heldout=(TaskConfig("iris", "mlp", 12, 1, 16, 100, 0),), lrs=(1e-3, 1e-2), evals=5)
+
+
+def test_run_writes_report_results_and_plots(tmp_path, monkeypatch):
+  monkeypatch.setenv("METAOPT_XLA_CACHE", "")
+  monkeypatch.setattr(lr_schedule, "quick_config", tiny_quick)
+  args = ["run", "lr-schedule", "--quick", "--out", str(tmp_path), "--no-progress"]
+  assert cli.main(args) == 0
+  out = tmp_path / "lr-schedule-quick"
+  for name in ("report.md", "results.json", "lr.png", "loss.png", "meta_loss.png"):
+    assert (out / name).stat().st_size > 0, name
+  results = json.loads((out / "results.json").read_text())
+  methods = {r["method"] for r in results["rows"]}
+  assert {"Adam 1e-3", "tuned constant", "tuned step", "tuned cosine",
+          "learned (this run)"} <= methods
+  for row in results["rows"]:
+    assert 0.0 <= row["test acc"] <= 1.0
+  report = (out / "report.md").read_text()
+  assert "| task | method | test loss | test acc" in report
+  # LR curves are recorded per step for every method.
+  curves = results["curves"]["iris-mlp-12x1-b16-s100"]
+  assert all(len(c["learning_rate"][0]) == 100 for c in curves.values())
+  # A second run without --name never overwrites the first.
+  assert cli.main(args) == 0
+  assert (tmp_path / "lr-schedule-quick-2" / "report.md").exists()
+  assert (out / "report.md").read_text() == report

@@ -1,0 +1,190 @@
+"""The learned-LR transform: optax contract, safety, and meta-gradients reaching theta."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import metaopt
+from metaopt.schedules.learned_lr import FEATURE_CLIP, LRController, controller_features, _spec
+
+CONTROLLER = LRController(hidden=(8,))
+PARAMS = {"w": jnp.array([1.0, -2.0, 3.0]), "b": jnp.array(0.5, jnp.float32)}
+
+
+def random_theta(seed=0, scale=0.5):
+  """Controller weights with a non-zero output layer, so the LR actually moves."""
+  theta = metaopt.init_controller(jax.random.key(seed), CONTROLLER)
+  leaves, tree = jax.tree.flatten(theta)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  return jax.tree.unflatten(tree, [scale * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+
+
+def quadratic_loss(params):
+  return jnp.sum((params["w"] - 0.3) ** 2) + (params["b"] + 1.0) ** 2 + 0.1
+
+
+def learned(theta=None, **kw):
+  theta = random_theta() if theta is None else theta
+  return optax.chain(optax.scale_by_adam(eps_root=1e-8),
+                     metaopt.scale_by_learned_lr(CONTROLLER, theta, base_lr=1e-2,
+                                                 total_steps=50, **kw))
+
+
+def scheduled(theta=None):
+  theta = random_theta() if theta is None else theta
+  sched = metaopt.LearnedLRSchedule(CONTROLLER, theta, base_lr=1e-2, total_steps=50)
+  return optax.inject_hyperparams(optax.adam)(learning_rate=sched)
+
+
+TRANSFORMS = {"chain": learned, "inject_hyperparams": scheduled}
+
+
+def run(tx, steps=20, **extra):
+  params, state = PARAMS, tx.init(PARAMS)
+  lrs = []
+  for _ in range(steps):
+    loss, grads = jax.value_and_grad(quadratic_loss)(params)
+    updates, state = tx.update(grads, state, params, value=loss, **extra)
+    params = optax.apply_updates(params, updates)
+    lrs.append(metaopt.current_lr(state))
+  return params, state, jnp.stack(lrs)
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_jit_and_no_recompile(name):
+  tx = TRANSFORMS[name]()
+  traces = []
+
+  @jax.jit
+  def step(params, state):
+    traces.append(1)
+    loss, grads = jax.value_and_grad(quadratic_loss)(params)
+    updates, state = tx.update(grads, state, params, value=loss)
+    return optax.apply_updates(params, updates), state
+
+  params, state = PARAMS, tx.init(PARAMS)
+  for _ in range(3):
+    params, state = step(params, state)
+  assert len(traces) == 1
+  assert quadratic_loss(params) < quadratic_loss(PARAMS)
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_unknown_extra_args_are_ignored(name):
+  tx = TRANSFORMS[name]()
+  a = run(tx, steps=5)
+  b = run(tx, steps=5, some_other_metric=jnp.array(3.0), epoch=2)
+  np.testing.assert_array_equal(a[2], b[2])
+
+
+def test_chain_and_inject_hyperparams_apply_the_same_lrs():
+  """Same controller, same losses: the schedule form sees no update norm, so
+  compare with a controller whose norm-feature weights are zero."""
+  theta = random_theta(3)
+  kernel = theta["Dense_0"]["kernel"].at[6:8].set(0.0)  # norm features
+  theta = {**theta, "Dense_0": {**theta["Dense_0"], "kernel": kernel}}
+  _, _, lr_chain = run(learned(theta), steps=10)
+  _, _, lr_sched = run(scheduled(theta), steps=10)
+  np.testing.assert_allclose(lr_chain, lr_sched, rtol=1e-5)
+  assert float(jnp.std(lr_chain)) > 0  # the LR does move
+
+
+def test_untrained_controller_keeps_base_lr_and_matches_adam():
+  theta = metaopt.init_controller(jax.random.key(0), CONTROLLER)
+  params, _, lrs = run(learned(theta), steps=10)
+  np.testing.assert_allclose(lrs, 1e-2)
+  ref_params, _, _ = run(optax.inject_hyperparams(optax.adam)(learning_rate=1e-2, eps_root=1e-8), 10)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), params, ref_params)
+
+
+def test_lr_stays_in_bounds_and_moves_slowly():
+  theta = random_theta(1, scale=5.0)  # a wild controller
+  _, _, lrs = run(learned(theta, min_lr_factor=0.1, max_lr_factor=3.0, max_log_change=0.1,
+                          min_response_steps=1.0), 40)
+  assert jnp.all(lrs >= 1e-3 * (1 - 1e-5)) and jnp.all(lrs <= 3e-2 * (1 + 1e-5))
+  steps = jnp.abs(jnp.diff(jnp.log(jnp.concatenate([jnp.array([1e-2]), lrs]))))
+  assert float(steps.max()) <= 0.1 + 1e-5
+
+
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -1.0])
+def test_non_finite_loss_never_gives_a_nan_lr(bad):
+  tx = learned()
+  params, state = PARAMS, tx.init(PARAMS)
+  grads = jax.grad(quadratic_loss)(params)
+  _, state = tx.update(grads, state, params, value=quadratic_loss(params))
+  lr_before = metaopt.current_lr(state)
+  nan_grads = jax.tree.map(lambda g: g * jnp.nan, grads)
+  updates, state = tx.update(nan_grads, state, params, value=jnp.asarray(bad))
+  assert metaopt.current_lr(state) == lr_before
+  # Features stay finite and training recovers on the next good step.
+  updates, state = tx.update(grads, state, params, value=quadratic_loss(params))
+  assert jnp.isfinite(metaopt.current_lr(state))
+  feats, _ = controller_features(state[1], _spec(CONTROLLER, base_lr=1e-2, min_lr_factor=1e-3,
+                                                 max_lr_factor=10., max_log_change=.25, response_time=.02, min_response_steps=10.),
+                                 jnp.asarray(0.7), jnp.asarray(1.0), None)
+  assert jnp.all(jnp.isfinite(feats)) and jnp.all(jnp.abs(feats) <= FEATURE_CLIP)
+
+
+def test_features_are_scale_free():
+  """Multiplying the loss by 1000 leaves the LR trajectory unchanged."""
+  tx = learned()
+  def lrs(scale):
+    params, state, out = PARAMS, tx.init(PARAMS), []
+    for _ in range(15):
+      loss, grads = jax.value_and_grad(lambda p: scale * quadratic_loss(p))(params)
+      updates, state = tx.update(grads, state, params, value=loss)
+      params = optax.apply_updates(params, updates)
+      out.append(metaopt.current_lr(state))
+    return jnp.stack(out)
+  np.testing.assert_allclose(lrs(1.0), lrs(1000.0), rtol=1e-4)
+
+
+def test_val_loss_feature_changes_the_lr():
+  a = run(learned(), steps=5)[2]
+  b = run(learned(), steps=5, val_loss=jnp.array(0.5))[2]
+  assert not np.allclose(a, b)
+
+
+def test_grad_through_unroll_reaches_theta_and_matches_finite_differences():
+  def meta_loss(theta):
+    tx = learned(theta)
+    def step(theta_, carry, _):
+      params, state = carry
+      loss, grads = jax.value_and_grad(quadratic_loss)(params)
+      updates, state = tx.update(grads, metaopt.with_theta(state, theta_), params, value=loss)
+      return (optax.apply_updates(params, updates), state), {"loss": loss}
+    (params, _), _ = metaopt.unroll(step, theta, (PARAMS, tx.init(PARAMS)), None, length=15)
+    return quadratic_loss(params)
+
+  theta = random_theta(2)
+  grad = jax.jit(jax.grad(meta_loss))(theta)
+  leaves = jax.tree.leaves(grad)
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+  assert sum(float(jnp.abs(g).sum()) for g in leaves) > 0
+  d = jax.tree.map(lambda x: jax.random.normal(jax.random.key(9), x.shape), theta)
+  eps = 1e-2
+  fd = (meta_loss(jax.tree.map(lambda t, v: t + eps * v, theta, d))
+        - meta_loss(jax.tree.map(lambda t, v: t - eps * v, theta, d))) / (2 * eps)
+  analytic = sum(jnp.vdot(g, v) for g, v in zip(leaves, jax.tree.leaves(d)))
+  np.testing.assert_allclose(analytic, fd, rtol=2e-2, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(base_lr=0.0, total_steps=10), "base_lr"),
+    (dict(base_lr=-1e-3, total_steps=10), "base_lr"),
+    (dict(base_lr=1e-3, total_steps=0), "total_steps"),
+    (dict(base_lr=1e-3, total_steps=10, min_lr_factor=2.0), "min_lr_factor"),
+])
+def test_bad_settings_raise(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    metaopt.scale_by_learned_lr(CONTROLLER, random_theta(), **kwargs)
+
+
+def test_update_without_loss_raises():
+  tx = learned()
+  with pytest.raises(ValueError, match="value=loss"):
+    tx.update(PARAMS, tx.init(PARAMS), PARAMS)

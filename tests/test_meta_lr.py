@@ -1,0 +1,86 @@
+"""Meta-training the LR controller: resume equals uninterrupted, non-finite handling, logs."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import jax.numpy as jnp
+
+from metaopt.meta import lr as meta_lr
+from metaopt.meta.lr import MetaLRConfig, _finite_mean, meta_train
+from metaopt.schedules import init_controller
+from metaopt.tasks import task_family
+
+FAMILY = task_family(datasets=("digits",), widths=(16,), depths=(1,), batch_sizes=(16,),
+                     total_steps=(30, 60))
+
+
+def tiny(**kw):
+  base = dict(family=FAMILY, lanes=2, population=2, segment_length=10, meta_steps=7,
+              checkpoint_every=2, hidden=(8,), seed=3)
+  return MetaLRConfig(**{**base, **kw})
+
+
+def leaves_equal(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+  config = tiny()
+  full = meta_train(config, tmp_path / "full", progress=False)
+  # Killed after step 5 (last checkpoint at 4), then restarted twice.
+  meta_train(config, tmp_path / "resumed", progress=False, stop_after=5)
+  resumed = meta_train(config, tmp_path / "resumed", progress=False)
+  leaves_equal(full.theta, resumed.theta)
+  assert any(np.abs(np.asarray(x)).sum() > 0 for x in jax.tree.leaves(full.theta))
+  lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(l)["meta_step"] for l in lines] == list(range(7))
+  assert [h["meta_loss"] for h in resumed.history] == [h["meta_loss"] for h in full.history]
+  # A finished run restarted does no more work and gives the same theta.
+  again = meta_train(config, tmp_path / "resumed", progress=False)
+  leaves_equal(full.theta, again.theta)
+
+
+def test_theta_moves_and_the_meta_loss_is_recorded():
+  result = meta_train(tiny(meta_steps=3, lanes=1), progress=False)
+  assert len(result.history) == 3
+  assert all(np.isfinite(h["meta_loss"]) and h["meta_grad_norm"] > 0 for h in result.history)
+  last_layer = result.theta["Dense_1"]["kernel"]
+  assert np.abs(np.asarray(last_layer)).sum() > 0  # zero at init
+
+
+def test_finite_mean_drops_non_finite_members():
+  values = jnp.array([1.0, jnp.nan, 3.0])
+  grads = {"w": jnp.array([[1.0, 1.0], [2.0, 2.0], [3.0, jnp.inf]])}
+  mean, grad, n_ok = _finite_mean(values, grads)
+  assert int(n_ok) == 1 and float(mean) == 1.0
+  np.testing.assert_array_equal(grad["w"], [1.0, 1.0])
+
+
+def test_non_finite_meta_gradients_are_skipped_and_counted(monkeypatch):
+  original = meta_lr.lr_problem
+
+  def nan_problem(*args, **kw):
+    problem = original(*args, **kw)
+    return problem._replace(meta_loss=lambda th, s, b: problem.meta_loss(th, s, b) * jnp.nan)
+  monkeypatch.setattr(meta_lr, "lr_problem", nan_problem)
+  config = tiny(meta_steps=2, lanes=1)
+  result = meta_train(config, progress=False)
+  assert result.skipped_members == 2 * config.population
+  assert result.skipped_steps == 2
+  initial = init_controller(jax.random.fold_in(jax.random.PRNGKey(config.seed), 0),
+                            result.controller)
+  leaves_equal(result.theta, initial)  # no update was applied
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(segment_length=7), "not multiples of segment_length=7"),
+    (dict(meta_lr=0.0), "meta_lr"),
+    (dict(lanes=0), "lanes"),
+])
+def test_bad_config_raises(kw, match):
+  with pytest.raises(ValueError, match=match):
+    tiny(**kw)
