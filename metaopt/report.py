@@ -62,7 +62,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) ->
 
 
 def plot_panels(path, panels: Mapping[str, Mapping[str, tuple]], *, ylabel: str,
-                xlabel: str = "step", logy: bool = False) -> None:
+                xlabel: str = "step", logy: bool = False, ymin=None) -> None:
   """One subplot per panel, one line per method: ``panels[title][method] = (x, y)``."""
   import matplotlib
   matplotlib.use("Agg")
@@ -80,6 +80,8 @@ def plot_panels(path, panels: Mapping[str, Mapping[str, tuple]], *, ylabel: str,
     ax.set_ylabel(ylabel)
     if logy:
       ax.set_yscale("log")
+    if ymin is not None:
+      ax.set_ylim(bottom=ymin)
     ax.grid(alpha=0.3)
   for ax in list(axes.flat)[n:]:
     ax.axis("off")

@@ -91,10 +91,22 @@ def learned_lr_tx(controller, theta, config: MetaLRConfig, total_steps):
                           total_steps=total_steps, **config.settings))
 
 
-def lr_problem(task, arrays: dict, controller, config: MetaLRConfig,
-               total_steps) -> InnerProblem:
-  """The inner problem: train ``task`` with the controller; meta-loss = log val loss."""
+def lr_problem(task, arrays: dict, controller, config: MetaLRConfig, total_steps,
+               batch_size=None) -> InnerProblem:
+  """The inner problem: train ``task`` with the controller; meta-loss = log val loss.
+
+  With ``batch_size`` (possibly traced) each step samples the family's largest
+  batch and masks it down to ``batch_size`` examples, so tasks that differ only
+  in batch size share one compiled program.
+  """
   tx = learned_lr_tx(controller, None, config, total_steps)
+  max_batch = max(config.family.batch_sizes)
+
+  def sample_train_batch(key):
+    if batch_size is None:
+      return task.sample_batch(arrays, key)
+    batch = task.sample_batch(arrays, key, batch_size=max_batch)
+    return dict(batch, weight=(jnp.arange(max_batch) < batch_size).astype(jnp.float32))
 
   def init(theta, key):
     params = task.init(jax.random.fold_in(key, 0))
@@ -103,7 +115,7 @@ def lr_problem(task, arrays: dict, controller, config: MetaLRConfig,
 
   def step(theta, state, _):
     key = jax.random.fold_in(jax.random.fold_in(state.key, state.step), 0)
-    loss, grads = jax.value_and_grad(task.loss)(state.params, task.sample_batch(arrays, key))
+    loss, grads = jax.value_and_grad(task.loss)(state.params, sample_train_batch(key))
     # theta enters through the state; re-inserting it is what jax.grad differentiates.
     updates, opt_state = tx.update(grads, with_theta(state.opt_state, theta),
                                    state.params, value=loss)
@@ -168,11 +180,11 @@ class MetaTrainer:
   def _fns_for(self, task) -> _LaneFns:
     """Jitted init/segment functions, compiled once per task *shape*.
 
-    ``total_steps`` and the data are arguments, so tasks that differ only in
-    training length or seed share the compiled code.
+    Training length, batch size and data are arguments, so tasks that differ
+    only in those (or in seed) share the compiled code.
     """
     c = task.config
-    shape_key = (c.dataset, c.model, c.width, c.depth, c.batch_size)
+    shape_key = (c.dataset, c.model, c.width, c.depth)
     if shape_key not in self._fns:
       config, controller, K = self.config, self.controller, self.config.segment_length
 
@@ -180,8 +192,8 @@ class MetaTrainer:
         problem = lr_problem(task, arrays, controller, config, total_steps)
         return jax.vmap(problem.init, in_axes=(None, 0))(theta, keys)
 
-      def segment(theta, states, arrays, total_steps):
-        problem = lr_problem(task, arrays, controller, config, total_steps)
+      def segment(theta, states, arrays, total_steps, batch_size):
+        problem = lr_problem(task, arrays, controller, config, total_steps, batch_size)
         est = jax.vmap(lambda s: estimators.tbptt(problem, theta, s, None, None,
                                                   length=K))(states)
         loss, grad, n_ok = _finite_mean(est.meta_loss, est.grad)
@@ -269,7 +281,8 @@ class MetaTrainer:
       for i, lane in enumerate(lanes):
         fns = self._fns_for(lane.task)
         loss, grad, n_ok, states, lr, _ = fns.segment(
-            theta, lane.states, lane.task.arrays(), jnp.float32(lane.config.total_steps))
+            theta, lane.states, lane.task.arrays(), jnp.float32(lane.config.total_steps),
+            jnp.int32(lane.config.batch_size))
         n_ok = int(n_ok)
         skipped_members += cfg.population - n_ok
         if n_ok:

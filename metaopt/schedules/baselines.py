@@ -11,7 +11,7 @@ from typing import Callable
 import optax
 
 SCHEDULES = ("constant", "step", "cosine", "warmup_cosine")
-DEFAULT_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+DEFAULT_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
 WARMUP_FRACTION = 0.05
 
 

@@ -30,8 +30,8 @@ FEATURE_NAMES = (
     "log_loss_vs_ema_100",
     "log_loss_vs_ema_1000",
     "log_ema_10_vs_ema_100",  # short-term trend of the loss
-    "log_norm_vs_initial",    # log(update norm / first update norm)
-    "log_norm_vs_ema",        # log(update norm / its EMA over ~100 steps)
+    "log_norm_vs_initial",    # log(previous update norm / first update norm)
+    "log_norm_vs_ema",        # log(previous update norm / its EMA over ~100 steps)
     "log_lr_vs_base",         # previous LR relative to base_lr
     "has_val_loss",           # 1 when a validation loss is passed
     "log_val_vs_initial",     # log(val loss / first val loss)
@@ -68,8 +68,9 @@ class LRFeatureState(NamedTuple):
   total_steps: jax.Array    # horizon the fraction-done feature refers to
   initial_loss: jax.Array
   loss_emas: jax.Array      # one EMA per entry of LOSS_EMA_DECAYS
-  initial_norm: jax.Array
+  initial_norm: jax.Array   # 0 until the first finite, positive norm
   norm_ema: jax.Array
+  last_norm: jax.Array      # norm of the previous step's incoming update
   initial_val_loss: jax.Array  # NaN until a finite validation loss is seen
 
 
@@ -132,7 +133,7 @@ def init_lr_state(theta: PyTree, *, base_lr: float, total_steps) -> LearnedLRSta
       count=jnp.zeros((), jnp.int32),
       total_steps=jnp.asarray(total_steps, jnp.float32),
       initial_loss=zero, loss_emas=jnp.zeros((len(LOSS_EMA_DECAYS),), jnp.float32),
-      initial_norm=zero, norm_ema=zero, initial_val_loss=nan)
+      initial_norm=zero, norm_ema=zero, last_norm=zero, initial_val_loss=nan)
   return LearnedLRState(theta, features, jnp.asarray(base_lr, jnp.float32))
 
 
@@ -152,7 +153,8 @@ def controller_features(state: LearnedLRState, spec: ControllerSpec, loss, norm,
   """The feature vector for this step and the updated running statistics.
 
   ``loss`` must be finite here (the caller holds the state on a bad step);
-  ``norm`` and ``val_loss`` may be ``None`` (their features are then zero).
+  ``norm`` and ``val_loss`` may be ``None``, and ``norm`` may be zero or
+  non-finite (no norm yet); their features are then zero.
   """
   f = state.features
   first = f.count == 0
@@ -166,11 +168,16 @@ def controller_features(state: LearnedLRState, spec: ControllerSpec, loss, norm,
     initial_norm, norm_ema = f.initial_norm, f.norm_ema
     norm_feats = [jnp.zeros(()), jnp.zeros(())]
   else:
-    norm = _finite_or(jnp.asarray(norm, jnp.float32), f.norm_ema)
-    initial_norm = jnp.where(first, norm, f.initial_norm)
-    prev_norm_ema = jnp.where(first, norm, f.norm_ema)
-    norm_ema = NORM_EMA_DECAY * prev_norm_ema + (1 - NORM_EMA_DECAY) * norm
-    norm_feats = [_log_ratio(norm, initial_norm), _log_ratio(norm, prev_norm_ema)]
+    norm = jnp.asarray(norm, jnp.float32)
+    valid = jnp.isfinite(norm) & (norm > 0)
+    norm = jnp.where(valid, norm, 1.0)
+    start = valid & (f.initial_norm <= 0)
+    initial_norm = jnp.where(start, norm, f.initial_norm)
+    prev_norm_ema = jnp.where(start, norm, f.norm_ema)
+    norm_ema = jnp.where(valid, NORM_EMA_DECAY * prev_norm_ema + (1 - NORM_EMA_DECAY) * norm,
+                         f.norm_ema)
+    norm_feats = [jnp.where(valid, _log_ratio(norm, initial_norm), 0.0),
+                  jnp.where(valid, _log_ratio(norm, prev_norm_ema), 0.0)]
 
   if val_loss is None:
     initial_val = f.initial_val_loss
@@ -201,7 +208,7 @@ def controller_features(state: LearnedLRState, spec: ControllerSpec, loss, norm,
   ]).astype(jnp.float32)
   features = jnp.clip(features, -FEATURE_CLIP, FEATURE_CLIP)
   new_f = LRFeatureState(count, f.total_steps, initial_loss, loss_emas,
-                         initial_norm, norm_ema, initial_val)
+                         initial_norm, norm_ema, f.last_norm, initial_val)
   return features, new_f
 
 
@@ -287,10 +294,13 @@ def scale_by_learned_lr(
     if value is None:
       raise ValueError("scale_by_learned_lr needs the training loss: "
                        "call update(updates, state, params, value=loss)")
-    state = advance(state, spec, loss=value, norm=optax.global_norm(updates),
+    # The norm feature uses the previous step's update: this step's norm then
+    # needs no pass over the parameters before the scaling, and fuses with it.
+    state = advance(state, spec, loss=value, norm=state.features.last_norm,
                     val_loss=val_loss)
+    features = state.features._replace(last_norm=optax.global_norm(updates))
     updates = jax.tree.map(lambda u: (-state.learning_rate).astype(u.dtype) * u, updates)
-    return updates, state
+    return updates, state._replace(features=features)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

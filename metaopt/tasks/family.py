@@ -73,9 +73,16 @@ class Task:
     return self.model.init(key, x)["params"]
 
   def loss(self, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
-    """Mean softmax cross-entropy on batch = {"x", "y"}."""
+    """Mean softmax cross-entropy on batch = {"x", "y"} (and optional per-example "weight").
+
+    Weights let one compiled program train with any batch size up to the
+    sampled one: a 0/1 mask over a larger sampled batch.
+    """
     logits = self.model.apply({"params": params}, batch["x"])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+    if "weight" not in batch:
+      return losses.mean()
+    return jnp.sum(losses * batch["weight"]) / jnp.maximum(jnp.sum(batch["weight"]), 1.0)
 
   def metrics(self, params: Any, x: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
     """Mean loss and accuracy over a whole split."""

@@ -1,0 +1,186 @@
+"""Validation-driven LR control: reduce on plateau with an LR floor, and early stopping.
+
+``optax.contrib.reduce_on_plateau`` does the LR reduction. This module adds what
+it lacks for a training run that is evaluated once per epoch:
+
+* an absolute minimum LR (it only has ``min_scale``);
+* an early-stopping signal, ``state.stop``, that the training loop obeys;
+* a validation metric fed only when it is fresh: ``update`` runs every step
+  inside a jitted training step, but the plateau logic advances only on the
+  steps that pass ``new_eval=True`` with a new ``val_loss``;
+* a count of non-finite validation losses (they count as no improvement).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax.contrib import ReduceLROnPlateauState, reduce_on_plateau
+
+PyTree = Any
+
+
+class PlateauState(NamedTuple):
+  """State of :func:`plateau_lr`."""
+  learning_rate: jax.Array      # float32 LR the updates are scaled by
+  stop: jax.Array               # bool: no improvement in early_stopping_patience evaluations
+  evals: jax.Array              # int32 evaluations counted so far
+  evals_since_best: jax.Array   # int32 evaluations since the last improvement
+  nan_evals: jax.Array          # int32 evaluations whose val_loss was NaN or inf
+  plateau: ReduceLROnPlateauState  # optax's reduce-on-plateau state (scale, best_value, ...)
+
+
+def _check_number(name: str, value, *, low: float, low_ok: bool,
+                  high: Optional[float] = None, high_ok: bool = True) -> float:
+  try:
+    x = float(value)
+  except (TypeError, ValueError, jax.errors.ConcretizationTypeError):
+    x = math.nan
+  ok = math.isfinite(x) and (x >= low if low_ok else x > low)
+  if high is not None:
+    ok = ok and (x <= high if high_ok else x < high)
+  if not ok:
+    lo = f"{'[' if low_ok else '('}{low:g}"
+    hi = "inf)" if high is None else f"{high:g}{']' if high_ok else ')'}"
+    raise ValueError(f"{name} must be a number in {lo}, {hi}, got {name}={value!r}")
+  return x
+
+
+def _check_int(name: str, value, *, low: int) -> int:
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+    raise ValueError(f"{name} must be an integer >= {low}, got {name}={value!r}")
+  return int(value)
+
+
+def plateau_lr(
+    base_lr: float,
+    *,
+    factor: float = 0.1,
+    patience: int = 5,
+    rtol: float = 0.01,
+    atol: float = 0.0,
+    cooldown: int = 0,
+    min_lr: float = 1e-6,
+    early_stopping_patience: Optional[int] = 10,
+) -> optax.GradientTransformationExtraArgs:
+  """Scales updates by ``-lr``; ``lr`` drops by ``factor`` when the validation loss plateaus.
+
+  Chain it after a direction, as ``optax.scale_by_learning_rate`` would be:
+  ``optax.chain(optax.scale_by_adam(), plateau_lr(1e-3))``.
+
+  ``update`` reads two keyword extra args (others, including the training
+  loss ``value``, are ignored):
+
+  * ``val_loss``: a scalar validation loss;
+  * ``new_eval``: a bool (Python or traced) saying ``val_loss`` is a fresh
+    evaluation. Default ``True`` when ``val_loss`` is given.
+
+  An evaluation is counted only when both are given and ``new_eval`` is true;
+  otherwise the state passes through unchanged and updates are scaled by the
+  current LR. So a jitted step can call ``update`` every step with the latest
+  validation loss and ``new_eval = (step % steps_per_epoch == 0)``.
+
+  On each evaluation, the loss improves when ``val_loss < (1 - rtol) * best -
+  atol`` (a NaN or inf never improves and is counted in ``state.nan_evals``).
+  After ``patience`` evaluations in a row without improvement, the LR is
+  multiplied by ``factor`` (never below ``min_lr``), then ``cooldown``
+  evaluations are ignored (``optax.contrib.reduce_on_plateau``). After
+  ``early_stopping_patience`` evaluations without improvement (LR reductions
+  do not reset this count), ``state.stop`` becomes and stays true; the
+  training loop should stop (see :func:`should_stop`). The transform itself
+  keeps scaling updates.
+
+  Args:
+    base_lr: LR before any reduction.
+    factor: reduction factor, in ``(0, 1)``.
+    patience: evaluations without improvement before a reduction, ``>= 1``.
+    rtol, atol: relative and absolute improvement thresholds.
+    cooldown: evaluations to wait after a reduction, ``>= 0``.
+    min_lr: LR floor, in ``[0, base_lr]``.
+    early_stopping_patience: evaluations without improvement before
+      ``stop``; ``None`` never stops.
+  """
+  base = _check_number("base_lr", base_lr, low=0.0, low_ok=False)
+  _check_number("factor", factor, low=0.0, low_ok=False, high=1.0, high_ok=False)
+  patience = _check_int("patience", patience, low=1)
+  cooldown = _check_int("cooldown", cooldown, low=0)
+  floor = _check_number("min_lr", min_lr, low=0.0, low_ok=True)
+  if floor > base:
+    raise ValueError(f"min_lr={min_lr!r} must not exceed base_lr={base_lr!r}")
+  if early_stopping_patience is not None:
+    early_stopping_patience = _check_int("early_stopping_patience",
+                                         early_stopping_patience, low=1)
+  # reduce_on_plateau checks rtol and atol (and names them in its errors).
+  inner = reduce_on_plateau(factor=factor, patience=patience, rtol=rtol, atol=atol,
+                            cooldown=cooldown, min_scale=floor / base)
+
+  def init_fn(params):
+    del params  # the plateau state is float32 whatever the parameters' dtype
+    return PlateauState(
+        learning_rate=jnp.asarray(base, jnp.float32),
+        stop=jnp.asarray(False),
+        evals=jnp.zeros((), jnp.int32),
+        evals_since_best=jnp.zeros((), jnp.int32),
+        nan_evals=jnp.zeros((), jnp.int32),
+        plateau=inner.init(jnp.zeros((), jnp.float32)))
+
+  def evaluate(state: PlateauState, val_loss: jax.Array) -> PlateauState:
+    best = state.plateau.best_value
+    improved = val_loss < (1 - rtol) * best - atol  # False for NaN
+    _, plateau = inner.update((), state.plateau, value=val_loss)
+    since_best = jnp.where(improved, 0, state.evals_since_best + 1).astype(jnp.int32)
+    stop = state.stop
+    if early_stopping_patience is not None:
+      stop = stop | (since_best >= early_stopping_patience)
+    lr = base * plateau.scale.astype(jnp.float32)
+    return PlateauState(
+        learning_rate=lr.astype(jnp.float32),
+        stop=stop,
+        evals=state.evals + 1,
+        evals_since_best=since_best,
+        nan_evals=state.nan_evals + jnp.where(jnp.isfinite(val_loss), 0, 1).astype(jnp.int32),
+        plateau=plateau)
+
+  def update_fn(updates, state, params=None, *, val_loss=None, new_eval=None, **extra_args):
+    del params, extra_args
+    if val_loss is None:
+      if new_eval is not None and new_eval is not False:
+        raise ValueError("plateau_lr: new_eval was given without val_loss; pass "
+                         "update(..., val_loss=loss, new_eval=flag)")
+    elif new_eval is not False:
+      val_loss = jnp.asarray(val_loss)
+      if val_loss.shape != ():
+        raise ValueError("plateau_lr: val_loss must be a scalar, got shape "
+                         f"{val_loss.shape}")
+      val_loss = val_loss.astype(jnp.float32)
+      advanced = evaluate(state, val_loss)
+      if new_eval is None or new_eval is True:
+        state = advanced
+      else:
+        flag = jnp.asarray(new_eval)
+        if flag.shape != ():
+          raise ValueError(f"plateau_lr: new_eval must be a scalar bool, got shape {flag.shape}")
+        flag = flag.astype(bool)
+        state = jax.tree.map(lambda new, old: jnp.where(flag, new, old), advanced, state)
+    lr = state.learning_rate
+    return jax.tree.map(lambda u: (-lr).astype(u.dtype) * u, updates), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def should_stop(state: PyTree) -> jax.Array:
+  """``stop`` of the :class:`PlateauState` in ``state`` (an optimizer state or chain).
+
+  Pure and jit-able; with several plateau states, true when any says stop.
+  """
+  is_plateau = lambda x: isinstance(x, PlateauState)
+  found = [s.stop for s in jax.tree.leaves(state, is_leaf=is_plateau) if is_plateau(s)]
+  if not found:
+    raise ValueError("should_stop: the optimizer state holds no PlateauState; "
+                     "build the optimizer with metaopt plateau_lr")
+  return jnp.stack(found).any(axis=0) if len(found) > 1 else found[0]

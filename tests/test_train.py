@@ -1,0 +1,83 @@
+"""The shared training loop, the baseline schedules, and the shipped controller."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import metaopt
+from metaopt.schedules import learned_lr
+from metaopt.schedules.baselines import SCHEDULES, adam_with_schedule, unit_schedule
+from metaopt.tasks import TaskConfig, make_task
+from metaopt.train import make_train_fn, train_grid
+
+TASK = make_task(TaskConfig("iris", "mlp", 8, 1, 16, 40, 0))
+
+
+def test_lr_is_recorded_at_every_step_and_matches_the_schedule():
+  lrs = jnp.array([1e-3, 1e-2])
+  keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(2))
+  res, wall = train_grid(TASK, adam_with_schedule("cosine", 40), lrs, keys,
+                         steps=40, eval_every=10)
+  expected = np.array([optax.cosine_decay_schedule(1.0, 40)(i) for i in range(40)])
+  np.testing.assert_allclose(res.learning_rate, np.outer(lrs, expected), rtol=1e-5)
+  assert res.test_loss.shape == (2, 5) and res.eval_steps.tolist()[0] == [0, 10, 20, 30, 40]
+  assert res.train_loss[1, -5:].mean() < res.train_loss[1, :5].mean()
+  assert wall > 0
+
+
+def test_sequential_grid_equals_vectorized_grid():
+  lrs = jnp.array([3e-3, 1e-2])
+  keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(2))
+  kw = dict(steps=20, eval_every=10)
+  a, _ = train_grid(TASK, adam_with_schedule("step", 20), lrs, keys, **kw)
+  b, _ = train_grid(TASK, adam_with_schedule("step", 20), lrs, keys, vectorize=False, **kw)
+  np.testing.assert_allclose(a.test_loss, b.test_loss, rtol=1e-4)
+
+
+def test_same_seed_same_numbers():
+  run = jax.jit(make_train_fn(TASK, adam_with_schedule("constant", 20), steps=20, eval_every=5))
+  a = run(1e-3, jax.random.PRNGKey(7), TASK.arrays())
+  b = run(1e-3, jax.random.PRNGKey(7), TASK.arrays())
+  np.testing.assert_array_equal(a.train_loss, b.train_loss)
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_every_schedule_peaks_at_one(name):
+  values = np.array([unit_schedule(name, 100)(i) for i in range(100)])
+  assert values.max() == pytest.approx(1.0, rel=1e-6) and values.min() >= 0
+
+
+def test_bad_names_and_lengths_raise():
+  with pytest.raises(ValueError, match="unknown schedule 'linear'; accepted: constant"):
+    adam_with_schedule("linear", 10)
+  with pytest.raises(ValueError, match="steps=10, eval_every=3"):
+    make_train_fn(TASK, adam_with_schedule("constant", 10), steps=10, eval_every=3)
+
+
+def test_controller_save_load_round_trip(tmp_path):
+  controller = metaopt.LRController(hidden=(4,))
+  theta = jax.tree.map(lambda x: x + 0.5, metaopt.init_controller(jax.random.key(1), controller))
+  settings = dict(min_lr_factor=0.1, max_lr_factor=3.0, max_log_change=0.2,
+                  response_time=0.05, min_response_steps=5.0)
+  learned_lr.save_controller(theta, tmp_path, hidden=(4,), settings=settings)
+  loaded, theta2, config = learned_lr.load_controller(tmp_path)
+  assert loaded.hidden == (4,) and config["settings"] == settings
+  jax.tree.map(np.testing.assert_array_equal, theta, theta2)
+
+
+def test_missing_controller_files_name_the_path(tmp_path):
+  with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+    learned_lr.load_controller(tmp_path)
+
+
+def test_pretrained_controller_trains_a_task():
+  steps = 40
+  make_tx = lambda _: optax.chain(optax.scale_by_adam(),
+                                  metaopt.pretrained_lr(base_lr=1e-2, total_steps=steps))
+  res, _ = train_grid(TASK, make_tx, jnp.zeros(1), jax.random.PRNGKey(0)[None],
+                      steps=steps, eval_every=10)
+  lr = res.learning_rate[0]
+  assert np.all(np.isfinite(lr)) and np.all(lr > 0)
+  assert res.test_loss[0, -1] < res.test_loss[0, 0]
