@@ -74,7 +74,7 @@ def main():
                       "ratio", "paired ratio", "max IQR/med", "target"], rows))
   for note in notes:
     print(note)
-  path = common.write_json(NAME, dict(quick=args.quick, repeats=args.repeats, results=results))
+  path = common.write_json(NAME, dict(repeats=args.repeats, results=results), quick=args.quick)
   print(f"\nwrote {path}")
 
 

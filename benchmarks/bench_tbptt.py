@@ -146,9 +146,9 @@ def main():
                       "", "grad rel diff"], rows))
   for note in notes:
     print(note)
-  path = common.write_json(NAME, dict(quick=args.quick, repeats=args.repeats,
+  path = common.write_json(NAME, dict(repeats=args.repeats,
                                       targets=dict(vs_plain=TARGET_PLAIN, vs_hand=TARGET_HAND),
-                                      results=results))
+                                      results=results), quick=args.quick)
   print(f"\nwrote {path}")
 
 

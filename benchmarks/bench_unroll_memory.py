@@ -4,18 +4,20 @@
 with T = 1000 (the learned-LR inner problem; the meta-gradient reaches theta
 through all T steps), for r = False and r = True. Memory is measured two ways:
   * XLA's buffer assignment: ``jax.jit(f).lower(...).compile().memory_analysis()``;
-  * peak RSS growth of a fresh subprocess per variant (``ru_maxrss`` after one
-    execution minus the resident set just before it).
+  * peak RSS growth of a fresh subprocess per variant: compile, reset the RSS
+    high-water mark, run once; ``ru_maxrss`` minus the resident set before the run.
 The compute-time cost of remat is timed in this process (interleaved, median).
 No target beyond: remat should use less memory.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import resource
 import subprocess
 import sys
+import time
 
 import jax
 
@@ -44,6 +46,7 @@ def build(task_name: str, T: int, remat: bool):
                               jax.random.PRNGKey(42))
   problem = lambda a: lr_problem(task, a, controller, meta_config, float(config.total_steps))
   state = jax.jit(lambda th, k, a: problem(a).init(th, k))(theta, jax.random.PRNGKey(1), arrays)
+  jax.block_until_ready((theta, state, arrays))
   fn = lambda th, s, a: estimators.tbptt(problem(a), th, s, None, None, length=T, remat=remat)
   compiled = jax.jit(fn).lower(theta, state, arrays).compile()
   return compiled, (lambda: compiled(theta, state, arrays))
@@ -62,16 +65,33 @@ def current_rss_bytes() -> int:
   return 0
 
 
+def reset_peak_rss() -> bool:
+  """Resets the process's RSS high-water mark (Linux >= 4.0); False if not possible."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
 def child(task_name: str, T: int, remat: bool) -> None:
-  """Subprocess body: compile, then one execution; print RSS numbers as JSON."""
+  """Subprocess body: compile, then one execution; print RSS numbers as JSON.
+
+  The high-water mark is reset after compiling, so ``ru_maxrss`` afterwards is
+  the peak of the execution alone; growth = that peak - the RSS just before it.
+  """
   compiled, call = build(task_name, T, remat)
-  before_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  gc.collect()
+  time.sleep(0.5)  # let background compile/dispatch threads settle
+  reset = reset_peak_rss()
   before = current_rss_bytes()
+  before_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   jax.block_until_ready(call())
   after_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   print("RESULT " + json.dumps(dict(
       rss_before=before, peak_before=before_peak, peak_after=after_peak,
-      growth=after_peak - before,
+      growth=after_peak - before, peak_was_reset=reset,
       # If the run did not set a new high-water mark, growth is only an upper bound.
       growth_is_upper_bound=after_peak <= before_peak)))
 
@@ -85,14 +105,11 @@ def rss_in_subprocess(task_name: str, T: int, remat: bool) -> dict:
 
 
 def extra_args(parser):
-  parser.add_argument("--child", default=None, help=argparse_help())
+  parser.add_argument("--child", default=None,
+                      help="internal: run one variant (a task name) for the RSS measurement")
   parser.add_argument("--length", type=int, default=None, help="unroll length T")
   parser.add_argument("--remat", action="store_true")
   parser.add_argument("--no-rss", action="store_true", help="skip the RSS subprocesses")
-
-
-def argparse_help() -> str:
-  return "internal: run one variant for the RSS measurement"
 
 
 def main():
@@ -131,7 +148,7 @@ def main():
     summary.append(dict(task=name, temp_ratio=temp, rss_growth_ratio=rss, status=verdict))
 
   print(f"\nMeta-gradient through a {T}-step learned-LR unroll (estimators.tbptt, length={T})\n")
-  print(common.table(["variant", "XLA temp", "arguments", "outputs", "XLA peak",
+  print(common.table(["variant", "XLA temp", "arguments", "outputs", "XLA peak*",
                       "RSS growth (subprocess)"], rows))
   print()
   print(common.table(["task", "remat/no-remat XLA temp", "remat/no-remat RSS growth",
@@ -143,11 +160,14 @@ def main():
         f"no remat {common.fmt_time(stats['no_remat']['median'])}, "
         f"remat {common.fmt_time(stats['remat']['median'])}, ratio {time_ratio['ratio']:.3f} "
         f"(paired {time_ratio['paired_median']:.3f})")
+  print("memory_analysis() fields (all in the JSON): " + ", ".join(
+      f"{k}={common.fmt_bytes(v)}" for k, v in results[f"{TIMED} remat=False"]["memory_analysis"].items()))
+  print("* peak_memory_in_bytes as reported by the CPU backend (it leaves out temp buffers).")
   if note := common.spread_note(stats):
     print(note)
-  path = common.write_json(NAME, dict(quick=args.quick, repeats=args.repeats, T=T,
+  path = common.write_json(NAME, dict(repeats=args.repeats, T=T,
                                       results=results, summary=summary,
-                                      timing=dict(task=TIMED, stats=stats, ratio=time_ratio)))
+                                      timing=dict(task=TIMED, stats=stats, ratio=time_ratio)), quick=args.quick)
   print(f"\nwrote {path}")
 
 

@@ -126,10 +126,12 @@ def environment() -> dict:
               loadavg=list(os.getloadavg()))
 
 
-def write_json(name: str, data: dict) -> pathlib.Path:
+def write_json(name: str, data: dict, *, quick: bool = False) -> pathlib.Path:
+  """Writes results/benchmarks/<name>.json (<name>.quick.json for smoke runs)."""
   RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-  path = RESULTS_DIR / f"{name}.json"
-  data = dict(data, environment=dict(environment(), time=time.strftime("%Y-%m-%dT%H:%M:%S")))
+  path = RESULTS_DIR / f"{name}{'.quick' if quick else ''}.json"
+  stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+  data = dict({"quick": quick}, **data, environment=dict(environment(), time=stamp))
   path.write_text(json.dumps(data, indent=2) + "\n")
   return path
 

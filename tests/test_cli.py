@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from metaopt import cli
+from metaopt import report as report_lib
 from metaopt.experiments import lr_schedule
 from metaopt.tasks import TaskConfig
 
@@ -68,7 +69,8 @@ def test_run_writes_report_results_and_plots(tmp_path, monkeypatch):
   # LR curves are recorded per step for every method.
   curves = results["curves"]["iris-mlp-12x1-b16-s100"]
   assert all(len(c["learning_rate"][0]) == 100 for c in curves.values())
-  # A second run without --name never overwrites the first.
-  assert cli.main(args) == 0
-  assert (tmp_path / "lr-schedule-quick-2" / "report.md").exists()
+  # A second run without --name gets a new folder; with --name it resumes the old one.
+  assert report_lib.run_directory(tmp_path, "lr-schedule-quick", resume=False).name == \
+      "lr-schedule-quick-2"
+  assert report_lib.run_directory(tmp_path, "lr-schedule-quick", resume=True) == out
   assert (out / "report.md").read_text() == report

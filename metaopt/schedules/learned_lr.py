@@ -18,6 +18,9 @@ import jax.numpy as jnp
 import optax
 from flax import serialization
 
+from metaopt.schedules.hypergradient import HypergradientAdamState, HypergradientState
+from metaopt.schedules.plateau import PlateauState
+
 PyTree = Any
 
 # Decays of the training-loss moving averages: time scales of ~10, 100, 1000 steps.
@@ -347,11 +350,14 @@ def with_theta(opt_state: PyTree, theta: PyTree) -> PyTree:
                       opt_state, is_leaf=is_lr_state)
 
 
+_LR_STATES = (LearnedLRState, HypergradientState, HypergradientAdamState, PlateauState)
+
+
 def current_lr(opt_state: PyTree) -> jax.Array:
-  """The LR applied at the latest step: from a learned-LR state or from
+  """The LR applied at the latest step: from a metaopt LR state or from
   ``optax.inject_hyperparams``' ``learning_rate``; NaN when there is none."""
   found = []
-  is_lr_state = lambda x: isinstance(x, LearnedLRState)
+  is_lr_state = lambda x: isinstance(x, _LR_STATES)
   for node in jax.tree.leaves(opt_state, is_leaf=lambda x: is_lr_state(x) or
                               isinstance(x, optax.InjectStatefulHyperparamsState)):
     if is_lr_state(node):

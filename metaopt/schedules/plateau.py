@@ -137,7 +137,7 @@ def plateau_lr(
     stop = state.stop
     if early_stopping_patience is not None:
       stop = stop | (since_best >= early_stopping_patience)
-    lr = base * plateau.scale.astype(jnp.float32)
+    lr = jnp.maximum(base * plateau.scale.astype(jnp.float32), floor)
     return PlateauState(
         learning_rate=lr.astype(jnp.float32),
         stop=stop,
