@@ -14,14 +14,12 @@ batch 128). The generic wrapper's ratio is recorded, not targeted.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import optax
 
 import common
 import metaopt
 from metaopt.schedules.hypergradient import hypergradient_adam, hypergradient_lr
 from metaopt.tasks import TaskConfig, make_task
-from metaopt.train import TrainState, training_step
 
 NAME = "hypergradient_overhead"
 TARGET = 1.03
@@ -37,17 +35,6 @@ CANDIDATES = {
 }
 
 
-def scanned_training(task, tx, steps):
-  """A jitted ``run() -> final state`` of ``steps`` training steps, compiled."""
-  arrays = task.arrays()
-  params = task.init(jax.random.PRNGKey(0))
-  state = TrainState(params, tx.init(params), jax.random.PRNGKey(1), jnp.zeros((), jnp.int32))
-  step = training_step(task, tx, arrays)
-  run = jax.jit(lambda state, arrays: metaopt.unroll(step, None, state, None, length=steps))
-  compiled = run.lower(state, arrays).compile()
-  return lambda: compiled(state, arrays)
-
-
 def main():
   args = common.parse_args(__doc__.splitlines()[0])
   steps = 20 if args.quick else 200
@@ -55,7 +42,7 @@ def main():
   status_main = None
   for label, config in SIZES.items():
     task = make_task(config)
-    fns = {name: scanned_training(task, make(), steps) for name, make in CANDIDATES.items()}
+    fns = {name: common.scanned_training(task, make(), steps) for name, make in CANDIDATES.items()}
     stats = common.interleaved(fns, repeats=args.repeats)
     per_step = {k: v["median"] / steps for k, v in stats.items()}
     ratios = {}

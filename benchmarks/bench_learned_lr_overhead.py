@@ -11,13 +11,11 @@ Target: ratio <= 1.05 on the main size (mnist5k MLP 784-256-256-10, batch 128).
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import optax
 
 import common
 import metaopt
 from metaopt.tasks import TaskConfig, make_task
-from metaopt.train import TrainState, training_step
 
 NAME = "bench_learned_lr_overhead"
 TARGET = 1.05
@@ -26,17 +24,6 @@ SIZES = {  # label -> task; the target applies to "main"
     "main": TaskConfig("mnist5k", "mlp", 256, 2, 128, TOTAL_STEPS, 0),   # 784-256-256-10
     "small": TaskConfig("digits", "mlp", 64, 1, 32, TOTAL_STEPS, 0),     # 64-64-10
 }
-
-
-def scanned_training(task, tx, steps):
-  """A jitted ``run() -> final state`` of ``steps`` training steps, compiled."""
-  arrays = task.arrays()
-  params = task.init(jax.random.PRNGKey(0))
-  state = TrainState(params, tx.init(params), jax.random.PRNGKey(1), jnp.zeros((), jnp.int32))
-  step = training_step(task, tx, arrays)
-  run = jax.jit(lambda state, arrays: metaopt.unroll(step, None, state, None, length=steps))
-  compiled = run.lower(state, arrays).compile()
-  return lambda: compiled(state, arrays)
 
 
 def main():
@@ -51,8 +38,8 @@ def main():
     learned = optax.chain(optax.scale_by_adam(), metaopt.scale_by_learned_lr(
         controller, theta, base_lr=1e-3, total_steps=TOTAL_STEPS))
     reference = optax.adam(optax.cosine_decay_schedule(1e-3, TOTAL_STEPS))
-    stats = common.interleaved({"learned_lr": scanned_training(task, learned, steps),
-                                "adam_cosine": scanned_training(task, reference, steps)},
+    stats = common.interleaved({"learned_lr": common.scanned_training(task, learned, steps),
+                                "adam_cosine": common.scanned_training(task, reference, steps)},
                                repeats=args.repeats)
     r = common.ratio(stats, "learned_lr", "adam_cosine")
     per_step = {k: v["median"] / steps for k, v in stats.items()}

@@ -23,8 +23,8 @@ import optax
 import common
 import metaopt
 from metaopt import estimators
-from metaopt.meta.lr import VAL_BATCH, MetaLRConfig, lr_problem
-from metaopt.tasks import TaskConfig, make_task, task_family
+from metaopt.meta.lr import VAL_BATCH
+from metaopt.tasks import TaskConfig
 from metaopt.train import TrainState, training_step
 
 NAME = "bench_tbptt"
@@ -61,14 +61,10 @@ def hand_written(task, controller, config, T):
 
 
 def bench_task(config: TaskConfig, T: int, repeats: int) -> dict:
-  task = make_task(config)
-  arrays = task.arrays()
-  meta_config = MetaLRConfig(family=task_family([config.dataset]))
-  controller = metaopt.LRController(hidden=meta_config.hidden)
-  theta = common.random_theta(metaopt.init_controller(jax.random.PRNGKey(0), controller),
-                              jax.random.PRNGKey(42))
-  problem = lambda arrays: lr_problem(task, arrays, controller, meta_config, TOTAL_STEPS)
-  state = jax.jit(lambda th, k, a: problem(a).init(th, k))(theta, jax.random.PRNGKey(1), arrays)
+  setup = common.learned_lr_setup(config, TOTAL_STEPS)
+  task, arrays, controller, meta_config = (setup.task, setup.arrays, setup.controller,
+                                           setup.meta_config)
+  theta, problem, state = setup.theta, setup.problem, setup.state
 
   flops = {}
 

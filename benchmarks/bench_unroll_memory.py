@@ -22,10 +22,9 @@ import time
 import jax
 
 import common
-import metaopt
 from metaopt import estimators
-from metaopt.meta.lr import MetaLRConfig, lr_problem
-from metaopt.tasks import TaskConfig, make_task, task_family
+
+from metaopt.tasks import TaskConfig
 
 NAME = "bench_unroll_memory"
 TASKS = {"digits": TaskConfig("digits", "mlp", 64, 2, 32, 1000, 0),
@@ -38,14 +37,8 @@ MEMORY_FIELDS = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in
 def build(task_name: str, T: int, remat: bool):
   """The compiled meta-gradient and a zero-argument call of it."""
   config = TASKS[task_name]
-  task = make_task(config)
-  arrays = task.arrays()
-  meta_config = MetaLRConfig(family=task_family([config.dataset]))
-  controller = metaopt.LRController(hidden=meta_config.hidden)
-  theta = common.random_theta(metaopt.init_controller(jax.random.PRNGKey(0), controller),
-                              jax.random.PRNGKey(42))
-  problem = lambda a: lr_problem(task, a, controller, meta_config, float(config.total_steps))
-  state = jax.jit(lambda th, k, a: problem(a).init(th, k))(theta, jax.random.PRNGKey(1), arrays)
+  setup = common.learned_lr_setup(config, float(config.total_steps))
+  theta, state, arrays, problem = setup.theta, setup.state, setup.arrays, setup.problem
   jax.block_until_ready((theta, state, arrays))
   fn = lambda th, s, a: estimators.tbptt(problem(a), th, s, None, None, length=T, remat=remat)
   compiled = jax.jit(fn).lower(theta, state, arrays).compile()

@@ -142,3 +142,37 @@ def random_theta(theta: Any, key: jax.Array, scale: float = 0.1) -> Any:
   keys = jax.random.split(key, len(leaves))
   return jax.tree.unflatten(treedef, [scale * jax.random.normal(k, x.shape, x.dtype)
                                       for k, x in zip(keys, leaves)])
+
+
+def scanned_training(task, tx, steps: int) -> Callable[[], Any]:
+  """A compiled ``run() -> final state`` of ``steps`` training steps of ``task`` with ``tx``."""
+  import jax.numpy as jnp
+  import metaopt
+  from metaopt.train import TrainState, training_step
+
+  arrays = task.arrays()
+  params = task.init(jax.random.PRNGKey(0))
+  state = TrainState(params, tx.init(params), jax.random.PRNGKey(1), jnp.zeros((), jnp.int32))
+  step = training_step(task, tx, arrays)
+  run = jax.jit(lambda state, arrays: metaopt.unroll(step, None, state, None, length=steps))
+  compiled = run.lower(state, arrays).compile()
+  return lambda: compiled(state, arrays)
+
+
+def learned_lr_setup(config, total_steps: float):
+  """The learned-LR inner problem on ``config`` with a random non-zero controller:
+  a namespace of task, arrays, controller, meta_config, theta, problem(arrays), state."""
+  import metaopt
+  from metaopt.meta.lr import MetaLRConfig, lr_problem
+  from metaopt.tasks import make_task, task_family
+
+  task = make_task(config)
+  arrays = task.arrays()
+  meta_config = MetaLRConfig(family=task_family([config.dataset]))
+  controller = metaopt.LRController(hidden=meta_config.hidden)
+  theta = random_theta(metaopt.init_controller(jax.random.PRNGKey(0), controller),
+                       jax.random.PRNGKey(42))
+  problem = lambda a: lr_problem(task, a, controller, meta_config, total_steps)
+  state = jax.jit(lambda th, k, a: problem(a).init(th, k))(theta, jax.random.PRNGKey(1), arrays)
+  return argparse.Namespace(task=task, arrays=arrays, controller=controller,
+                            meta_config=meta_config, theta=theta, problem=problem, state=state)
