@@ -7,9 +7,14 @@ from metaopt.schedules import (
     LearnedLRState,
     LRController,
     current_lr,
+    hypergradient_adam,
+    hypergradient_lr,
+    hypergradient_sgd,
     init_controller,
+    plateau_lr,
     pretrained_lr,
     scale_by_learned_lr,
+    should_stop,
     with_theta,
 )
 from metaopt.unroll import InnerProblem, unroll

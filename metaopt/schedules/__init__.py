@@ -1,5 +1,12 @@
 """Optax transforms that set the learning rate."""
 
+from metaopt.schedules.hypergradient import (
+    HypergradientAdamState,
+    HypergradientState,
+    hypergradient_adam,
+    hypergradient_lr,
+    hypergradient_sgd,
+)
 from metaopt.schedules.learned_lr import (
     FEATURE_NAMES,
     LearnedLRSchedule,
@@ -13,3 +20,4 @@ from metaopt.schedules.learned_lr import (
     scale_by_learned_lr,
     with_theta,
 )
+from metaopt.schedules.plateau import PlateauState, plateau_lr, should_stop
