@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 
 EXPERIMENTS = {
     "lr-schedule": "meta-train an LR controller and compare it with tuned optax schedules",
+    "adaptive-lr": "plateau, hypergradient and learned LRs vs fixed schedules, with early stopping",
 }
 
 
@@ -38,28 +39,42 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _module(experiment: str):
+  """The experiment's module: default_config(seed), quick_config(seed), run(config, out, ...)."""
+  import importlib
+  return importlib.import_module("metaopt.experiments." + experiment.replace("-", "_"))
+
+
 def _run(args) -> int:
   if args.experiment not in EXPERIMENTS:
     raise ValueError(f"unknown experiment {args.experiment!r}; accepted: {', '.join(EXPERIMENTS)}")
   if args.meta_steps is not None and args.meta_steps < 1:
     raise ValueError(f"--meta-steps must be >= 1, got {args.meta_steps}")
+  if args.meta_steps is not None and args.experiment != "lr-schedule":
+    raise ValueError("--meta-steps applies only to the lr-schedule experiment")
   import dataclasses
 
   from metaopt import report
-  from metaopt.experiments import lr_schedule
 
-  config = (lr_schedule.quick_config if args.quick else lr_schedule.default_config)(args.seed)
+  experiment = _module(args.experiment)
+  config = (experiment.quick_config if args.quick else experiment.default_config)(args.seed)
   if args.meta_steps is not None:
     config = dataclasses.replace(config, meta=dataclasses.replace(config.meta,
                                                                   meta_steps=args.meta_steps))
   name = args.name or f"{args.experiment}{'-quick' if args.quick else ''}"
   out = report.run_directory(args.out, name, resume=args.name is not None)
   print(f"metaopt: writing {out}", flush=True)
-  result = lr_schedule.run(config, out, progress=not args.no_progress,
-                           save_controller=args.save_controller)
-  for method, s in result["summary"].items():
-    print(f"{method}: test accuracy / tuned cosine: mean {s['mean_ratio']:.4f}, "
-          f"worst {s['worst_ratio']:.4f} ({s['worst_task']})")
+  result = experiment.run(config, out, progress=not args.no_progress,
+                          save_controller=args.save_controller)
+  if args.experiment == "lr-schedule":
+    for method, s in result["summary"].items():
+      print(f"{method}: test accuracy / tuned cosine: mean {s['mean_ratio']:.4f}, "
+            f"worst {s['worst_ratio']:.4f} ({s['worst_task']})")
+  else:
+    for dataset, t in result["quality_target"].items():
+      starts = ", ".join(f"{k} {v['test_acc']:.4f}" for k, v in t["starts"].items())
+      print(f"{dataset}: Adam-HD test accuracy from {starts} vs tuned constant "
+            f"{t['tuned_acc']:.4f}: {'PASS' if t['passed'] else 'FAIL'}")
   print(f"metaopt: report at {out / 'report.md'}")
   return 0
 

@@ -173,14 +173,73 @@ def plateau_lr(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def should_stop(state: PyTree) -> jax.Array:
-  """``stop`` of the :class:`PlateauState` in ``state`` (an optimizer state or chain).
+class EarlyStoppingState(NamedTuple):
+  """State of :func:`early_stopping`."""
+  stop: jax.Array               # bool: no improvement in patience evaluations
+  evals: jax.Array              # int32 evaluations counted so far
+  evals_since_best: jax.Array   # int32 evaluations since the last improvement
+  best_value: jax.Array         # float32 best validation loss so far (inf before any)
 
-  Pure and jit-able; with several plateau states, true when any says stop.
+
+def early_stopping(patience: int = 10, *, rtol: float = 0.01,
+                   atol: float = 0.0) -> optax.GradientTransformationExtraArgs:
+  """Leaves updates unchanged; ``state.stop`` says the validation loss stopped improving.
+
+  The stop-only part of :func:`plateau_lr`, for optimizers that set their LR
+  another way: ``optax.chain(optax.adam(1e-3), early_stopping(10))``. It reads
+  ``val_loss`` and ``new_eval`` the way :func:`plateau_lr` does, counts an
+  evaluation as an improvement when ``val_loss < (1 - rtol) * best - atol``,
+  and sets ``stop`` (for good) after ``patience`` evaluations in a row without
+  one. :func:`should_stop` reads it.
   """
-  is_plateau = lambda x: isinstance(x, PlateauState)
-  found = [s.stop for s in jax.tree.leaves(state, is_leaf=is_plateau) if is_plateau(s)]
+  patience = _check_int("patience", patience, low=1)
+  rtol = _check_number("rtol", rtol, low=0.0, low_ok=True, high=1.0)
+  atol = _check_number("atol", atol, low=0.0, low_ok=True)
+
+  def init_fn(params):
+    del params
+    return EarlyStoppingState(stop=jnp.asarray(False), evals=jnp.zeros((), jnp.int32),
+                              evals_since_best=jnp.zeros((), jnp.int32),
+                              best_value=jnp.asarray(jnp.inf, jnp.float32))
+
+  def update_fn(updates, state, params=None, *, val_loss=None, new_eval=None, **extra_args):
+    del params, extra_args
+    if val_loss is None or new_eval is False:
+      return updates, state
+    val_loss = jnp.asarray(val_loss, jnp.float32)
+    if val_loss.shape != ():
+      raise ValueError(f"early_stopping: val_loss must be a scalar, got shape {val_loss.shape}")
+    improved = val_loss < (1 - rtol) * state.best_value - atol  # False for NaN
+    since_best = jnp.where(improved, 0, state.evals_since_best + 1).astype(jnp.int32)
+    advanced = EarlyStoppingState(
+        stop=state.stop | (since_best >= patience), evals=state.evals + 1,
+        evals_since_best=since_best,
+        best_value=jnp.where(improved, val_loss, state.best_value))
+    flag = jnp.asarray(True if new_eval is None else new_eval).astype(bool)
+    state = jax.tree.map(lambda new, old: jnp.where(flag, new, old), advanced, state)
+    return updates, state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+_STOP_STATES = (PlateauState, EarlyStoppingState)
+
+
+def has_stop_signal(state: PyTree) -> bool:
+  """Whether ``state`` holds a :class:`PlateauState` or :class:`EarlyStoppingState`."""
+  is_stop = lambda x: isinstance(x, _STOP_STATES)
+  return any(is_stop(s) for s in jax.tree.leaves(state, is_leaf=is_stop))
+
+
+def should_stop(state: PyTree) -> jax.Array:
+  """``stop`` of the :class:`PlateauState` (or :class:`EarlyStoppingState`) in ``state``.
+
+  ``state`` is an optimizer state or chain. Pure and jit-able; with several
+  such states, true when any says stop.
+  """
+  is_stop = lambda x: isinstance(x, _STOP_STATES)
+  found = [s.stop for s in jax.tree.leaves(state, is_leaf=is_stop) if is_stop(s)]
   if not found:
     raise ValueError("should_stop: the optimizer state holds no PlateauState; "
-                     "build the optimizer with metaopt plateau_lr")
+                     "build the optimizer with metaopt plateau_lr or early_stopping")
   return jnp.stack(found).any(axis=0) if len(found) > 1 else found[0]

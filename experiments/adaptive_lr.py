@@ -1,0 +1,336 @@
+"""`metaopt run adaptive-lr`: adaptive LR methods against fixed schedules, with early stopping.
+
+Methods on every offline dataset (an MLP, Adam-style directions, LR 1e-3):
+Adam at a constant LR (1e-3, and tuned on validation accuracy over a small
+grid), step decay, cosine, reduce-on-plateau, hypergradient SGD and Adam, and
+the learned controller shipped with metaopt. The validation split is evaluated
+once per epoch and fed to the optimizer; every method stops early after
+``patience`` epochs without a 1% relative improvement of the validation loss
+(``plateau_lr``'s own signal for plateau, ``early_stopping`` chained after the
+others). Final numbers are the test split at the step training stopped (no
+restore of the best weights), as mean and std over seeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from metaopt import report
+from metaopt.schedules import learned_lr
+from metaopt.schedules.baselines import unit_schedule
+from metaopt.schedules.hypergradient import hypergradient_adam, hypergradient_sgd
+from metaopt.schedules.plateau import early_stopping, plateau_lr
+from metaopt.tasks import DATASETS, TaskConfig, make_task
+from metaopt.train import steps_per_epoch, train_grid
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  datasets: tuple = DATASETS
+  width: int = 64
+  depth: int = 2
+  batch_size: int = 32
+  epochs: int = 50
+  seeds: int = 3
+  base_lr: float = 1e-3
+  patience: int = 10              # evaluations (epochs) without improvement before stopping
+  rtol: float = 0.01              # relative improvement that resets the patience count
+  hd_sgd_lr: float = 0.01         # initial LR of hypergradient SGD
+  tune_lrs: tuple = (3e-4, 1e-3, 3e-3)  # constant-Adam grid (must hold base_lr)
+  start_factors: tuple = (10.0, 0.1)    # Adam-HD starts, relative to the tuned constant LR
+  threshold: float = 1.1          # val-loss target: this times the best final val loss on the task
+  include_pretrained: bool = True
+  seed: int = 0
+
+
+def default_config(seed: int = 0) -> Config:
+  return Config(seed=seed)
+
+
+def quick_config(seed: int = 0) -> Config:
+  return Config(datasets=("iris", "wine"), epochs=3, seeds=1, tune_lrs=(1e-3, 3e-3), seed=seed)
+
+
+METHODS = ("adam_1e-3", "tuned_constant", "step", "cosine", "plateau", "hd_sgd", "hd_adam",
+           "pretrained")
+LABELS = {"adam_1e-3": "Adam 1e-3", "tuned_constant": "tuned constant Adam",
+          "step": "step decay", "cosine": "cosine", "plateau": "reduce on plateau",
+          "hd_sgd": "hypergradient SGD", "hd_adam": "hypergradient Adam",
+          "pretrained": "learned (shipped)"}
+
+
+def without_extra_args(tx, *names: str) -> optax.GradientTransformationExtraArgs:
+  """``tx`` with the extra args ``names`` hidden from its ``update``."""
+  tx = optax.with_extra_args_support(tx)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    kept = {k: v for k, v in extra_args.items() if k not in names}
+    return tx.update(updates, state, params, **kept)
+
+  return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+
+
+SCHEDULE_NAMES = ("constant", "step", "cosine")
+
+
+def scheduled_adam(config: Config, steps: int):
+  """``make_tx({"lr", "schedule"})``: Adam with a traced peak LR and schedule index, so
+  the constant-LR grid, step decay and cosine share one compiled program."""
+  units = [lambda count, u=unit_schedule(name, steps): jnp.asarray(u(count), jnp.float32)
+           for name in SCHEDULE_NAMES]
+
+  def make_tx(h):
+    schedule = lambda count: h["lr"] * jax.lax.switch(h["schedule"], units, count)
+    return optax.chain(optax.inject_hyperparams(optax.adam)(learning_rate=schedule),
+                       early_stopping(config.patience, rtol=config.rtol))
+  return make_tx
+
+
+def method_txs(config: Config, steps: int) -> dict:
+  """``make_tx(_)`` of the methods that get a program each (the LR is fixed)."""
+  stop = lambda: early_stopping(config.patience, rtol=config.rtol)
+  lr = config.base_lr
+  txs = {
+      "plateau": lambda _: optax.chain(
+          optax.scale_by_adam(),
+          plateau_lr(lr, factor=0.1, rtol=config.rtol, min_lr=1e-6,
+                     early_stopping_patience=config.patience)),
+      "hd_sgd": lambda _: optax.chain(hypergradient_sgd(config.hd_sgd_lr), stop()),
+  }
+  if config.include_pretrained and learned_lr.PRETRAINED_WEIGHTS.exists():
+    # The controller was meta-trained without validation losses: hide them from it.
+    txs["pretrained"] = lambda _: optax.chain(
+        optax.scale_by_adam(),
+        without_extra_args(learned_lr.pretrained_lr(base_lr=lr, total_steps=steps), "val_loss"),
+        stop())
+  return txs
+
+
+def _best(val_accuracy: np.ndarray, val_loss: np.ndarray) -> int:
+  """Index of the highest validation accuracy, ties broken by lower loss; NaN loses."""
+  acc = np.nan_to_num(val_accuracy, nan=-np.inf)
+  loss = np.nan_to_num(val_loss, nan=np.inf)
+  return int(np.lexsort((loss, -acc))[0])
+
+
+def evaluate_task(config: Config, dataset: str) -> dict:
+  """Trains every method on one dataset; returns curves, timings and the quality-target runs."""
+  probe = make_task(TaskConfig(dataset, "mlp", config.width, config.depth,
+                               config.batch_size, 1, config.seed))
+  every = steps_per_epoch(probe)
+  steps = every * config.epochs
+  task = make_task(probe.config._replace(total_steps=steps))
+  seeds = jax.vmap(jax.random.PRNGKey)(jnp.arange(config.seeds) + 1000 * config.seed)
+  kw = dict(steps=steps, eval_every=every, feed_val_loss=True)
+  stop = lambda: early_stopping(config.patience, rtol=config.rtol)
+  out = {"steps": steps, "steps_per_epoch": every, "methods": {}}
+  methods = out["methods"]
+
+  def grid(make_tx, hparams: dict, groups: int):
+    """One vmapped call over ``groups`` x seeds rows; curves reshaped to [groups, seeds, ...]."""
+    keys = jnp.tile(seeds, (groups, 1))
+    res, wall = train_grid(task, make_tx, hparams, keys, **kw)
+    return jax.tree.map(lambda x: x.reshape((groups, config.seeds) + x.shape[1:]), res), wall
+
+  # Constant Adam over the tuning grid, step decay and cosine: one program.
+  n = len(config.tune_lrs)
+  lrs = list(config.tune_lrs) + [config.base_lr] * 2
+  ids = [0] * n + [1, 2]
+  rep = lambda v, dtype: jnp.asarray(np.repeat(np.asarray(v, dtype), config.seeds))
+  res, wall = grid(scheduled_adam(config, steps),
+                   {"lr": rep(lrs, np.float32), "schedule": rep(ids, np.int32)}, n + 2)
+  per_run = wall / (n + 2)  # every row costs the same
+  pick = lambda j: jax.tree.map(lambda x: x[j], res)
+  best = _best(res.val_accuracy[:n, :, -1].mean(axis=1), res.val_loss[:n, :, -1].mean(axis=1))
+  tuned_lr = float(config.tune_lrs[best])
+  methods["adam_1e-3"] = dict(curves=pick(list(config.tune_lrs).index(config.base_lr)),
+                              wall_time=per_run, runs=config.seeds, lr=config.base_lr)
+  methods["tuned_constant"] = dict(curves=pick(best), wall_time=per_run, runs=config.seeds,
+                                   lr=tuned_lr)
+  methods["step"] = dict(curves=pick(n), wall_time=per_run, runs=config.seeds, lr=None)
+  methods["cosine"] = dict(curves=pick(n + 1), wall_time=per_run, runs=config.seeds, lr=None)
+  out["tuning"] = dict(lrs=list(config.tune_lrs),
+                       val_accuracy=res.val_accuracy[:n, :, -1].mean(axis=1))
+
+  # Hypergradient Adam from base_lr, and (the quality target) from 10x and 0.1x the
+  # tuned constant LR, default beta: one program.
+  starts = [config.base_lr] + [f * tuned_lr for f in config.start_factors]
+  hd = lambda lr0: optax.chain(hypergradient_adam(lr0), stop())
+  res, wall = grid(hd, rep(starts, np.float32), len(starts))
+  pick = lambda j: jax.tree.map(lambda x: x[j], res)
+  methods["hd_adam"] = dict(curves=pick(0), wall_time=wall / len(starts), runs=config.seeds,
+                            lr=config.base_lr)
+  out["hd_starts"] = {f"{f:g}x": dict(curves=pick(j + 1), initial_lr=f * tuned_lr)
+                      for j, f in enumerate(config.start_factors)}
+
+  for name, make_tx in method_txs(config, steps).items():
+    res, wall = train_grid(task, make_tx, jnp.zeros(config.seeds), seeds, **kw)
+    methods[name] = dict(curves=res, wall_time=wall, runs=config.seeds, lr=None)
+  return out
+
+
+def _lr_stability(curves) -> tuple[float, float]:
+  """Mean over seeds of the variance and total variation of the LR while training."""
+  var, tv = [], []
+  for lr, stopped in zip(curves.learning_rate, curves.stopped_at):
+    lr = lr[:max(int(stopped), 1)]
+    lr = lr[np.isfinite(lr)].astype(np.float64)
+    if not len(lr):
+      return float("nan"), float("nan")
+    var.append(np.var(lr))
+    tv.append(np.abs(np.diff(lr)).sum())
+  return float(np.mean(var)), float(np.mean(tv))
+
+
+def _epochs_to(curves, target: float) -> tuple[Optional[float], int]:
+  """Mean first epoch with val loss <= target over the seeds that reach it, and how many do."""
+  hits = [np.nonzero(loss <= target)[0] for loss in curves.val_loss]
+  hits = [h[0] for h in hits if len(h)]  # eval index = epoch (evaluated once per epoch)
+  return (float(np.mean(hits)) if hits else None), len(hits)
+
+
+def table_rows(results: dict) -> list[dict]:
+  rows = []
+  for dataset, r in results.items():
+    methods = r["methods"]
+    target = min(float(m["curves"].val_loss[:, -1].mean()) for m in methods.values())
+    target *= r["threshold"]
+    base = methods["adam_1e-3"]
+    base_step = base["wall_time"] / (base["runs"] * r["steps"])
+    for m in METHODS:
+      if m not in methods:
+        continue
+      c = methods[m]["curves"]
+      epochs, reached = _epochs_to(c, target)
+      per_step = methods[m]["wall_time"] / (methods[m]["runs"] * r["steps"])
+      var, tv = _lr_stability(c)
+      rows.append({
+          "task": dataset, "method": LABELS[m],
+          "test acc": float(c.test_accuracy[:, -1].mean()),
+          "acc std": float(c.test_accuracy[:, -1].std()),
+          "test loss": float(c.test_loss[:, -1].mean()),
+          "loss std": float(c.test_loss[:, -1].std()),
+          "epochs to target": epochs, "reached": f"{reached}/{len(c.val_loss)}",
+          "stop epoch": float(np.mean(c.stopped_at)) / r["steps_per_epoch"],
+          "wall s": methods[m]["wall_time"],
+          "us/step": 1e6 * per_step, "step time / Adam": per_step / base_step,
+          "LR var": var, "LR TV": tv,
+          "final LR": float(np.nanmean([lr[min(int(s), len(lr)) - 1] for lr, s in
+                                        zip(c.learning_rate, c.stopped_at)])),
+      })
+  return rows
+
+
+COLUMNS = ("task", "method", "test acc", "acc std", "test loss", "loss std", "epochs to target",
+           "reached", "stop epoch", "wall s", "us/step", "step time / Adam", "LR var", "LR TV",
+           "final LR")
+
+
+def quality_target(results: dict, tolerance: float = 0.02) -> dict:
+  """Adam-HD from each start vs the tuned constant LR: final test accuracy, PASS within 2%."""
+  out = {}
+  for dataset, r in results.items():
+    tuned = r["methods"]["tuned_constant"]
+    tuned_acc = float(tuned["curves"].test_accuracy[:, -1].mean())
+    row = {"tuned_lr": tuned["lr"], "tuned_acc": tuned_acc, "starts": {}}
+    for label, s in r["hd_starts"].items():
+      acc = float(s["curves"].test_accuracy[:, -1].mean())
+      row["starts"][label] = dict(initial_lr=s["initial_lr"], test_acc=acc,
+                                  acc_std=float(s["curves"].test_accuracy[:, -1].std()),
+                                  final_lr=float(np.nanmean(s["curves"].learning_rate[:, -1])),
+                                  passed=bool(acc >= (1 - tolerance) * tuned_acc))
+    row["passed"] = all(s["passed"] for s in row["starts"].values())
+    out[dataset] = row
+  return out
+
+
+def write_report(out, config: Config, results: dict, timings: dict) -> dict:
+  rows = table_rows(results)
+  target = quality_target(results)
+  lr_panels, loss_panels = {}, {}
+  for dataset, r in results.items():
+    lr_panels[dataset], loss_panels[dataset] = {}, {}
+    for m in METHODS:
+      if m not in r["methods"]:
+        continue
+      c = r["methods"][m]["curves"]
+      steps = np.arange(1, c.learning_rate.shape[1] + 1)
+      lr_panels[dataset][LABELS[m]] = (steps, np.nanmean(c.learning_rate, axis=0))
+      loss_panels[dataset][LABELS[m]] = (c.eval_steps[0] / r["steps_per_epoch"],
+                                         c.val_loss.mean(axis=0))
+  report.plot_panels(out / "lr.png", lr_panels, ylabel="learning rate", logy=True, ymin=1e-7)
+  report.plot_panels(out / "val_loss.png", loss_panels, ylabel="validation loss",
+                     xlabel="epoch", logy=True)
+
+  passed = sum(t["passed"] for t in target.values())
+  lines = [
+      "# Adaptive learning rates vs fixed schedules", "",
+      f"MLP {config.width}x{config.depth}, batch {config.batch_size}, up to {config.epochs} "
+      f"epochs, validation split 0.2 evaluated every epoch and fed to the optimizer, "
+      f"{config.seeds} seed(s) per method. Every method stops after {config.patience} epochs "
+      f"without a {config.rtol:.0%} relative improvement of the validation loss "
+      "(reduce on plateau: its own signal; the others: `early_stopping` chained after). "
+      "Test numbers are at the step training stopped (no restore of the best weights), mean and "
+      "std over seeds. LR 1e-3 for every Adam method; hypergradient SGD starts at "
+      f"{config.hd_sgd_lr:g}; tuned constant Adam is best of {list(config.tune_lrs)} on final "
+      "validation accuracy.", "",
+      report.markdown_table(rows, COLUMNS), "",
+      f"`epochs to target`: mean first epoch whose validation loss is at most {config.threshold}x "
+      "the best final validation loss among methods on the task, over the seeds that reach it "
+      "(`reached`). `stop epoch`: mean epoch at which early stopping froze training (the "
+      "epoch budget if never). `wall s`: compiled wall time of one method's runs (all seeds, "
+      "vmapped; early-stopped runs still pay for every step under vmap); `us/step` is that per "
+      "run and step, `step time / Adam` relative to Adam 1e-3. Constant, tuned constant, step "
+      "and cosine Adam run as one program (grid and schedules vmapped together), and "
+      "hypergradient Adam with its quality-target starts as another: their time is the "
+      "program's divided by its rows. `LR var`, `LR TV`: variance and total variation "
+      "(sum of |LR_t - LR_t-1|) of the applied LR until stopping, mean over seeds.", "",
+      "## Quality target: hypergradient Adam from a badly chosen LR", "",
+      "Adam-HD with its default beta (1e-7), started from 10x and 0.1x the tuned constant "
+      "Adam LR, should end within 2% (relative) of the tuned constant LR's final test "
+      f"accuracy. Met on {passed}/{len(target)} tasks.", "",
+      "| task | tuned LR | tuned acc | start | initial LR | HD acc | HD std | final LR | "
+      "result |", "|---|---|---|---|---|---|---|---|---|"]
+  for dataset, t in target.items():
+    for label, s in t["starts"].items():
+      lines.append(f"| {dataset} | {report.fmt(t['tuned_lr'])} | {report.fmt(t['tuned_acc'])} | "
+                   f"{label} | {report.fmt(s['initial_lr'])} | {report.fmt(s['test_acc'])} | "
+                   f"{report.fmt(s['acc_std'])} | {report.fmt(s['final_lr'])} | "
+                   f"{'PASS' if s['passed'] else 'FAIL'} |")
+  lines += ["", f"Wall time: {timings['total']:.0f} s in all (compilation included).", "",
+            "![LR over steps](lr.png)", "", "![validation loss](val_loss.png)", ""]
+  (out / "report.md").write_text("\n".join(lines))
+  curves = {d: {m: v["curves"]._asdict() for m, v in r["methods"].items()}
+            | {f"hd_adam_{k}": v["curves"]._asdict() for k, v in r["hd_starts"].items()}
+            for d, r in results.items()}
+  report.write_json(out / "results.json", {
+      "config": dataclasses.asdict(config), "rows": rows, "quality_target": target,
+      "timings": timings, "curves": curves})
+  return target
+
+
+def run(config: Config, out, *, progress: bool = True,
+        save_controller: Optional[str] = None) -> dict:
+  """Trains every method on every dataset; writes report.md, results.json and plots to ``out``."""
+  del progress  # one line per dataset is all the progress there is
+  if save_controller:
+    raise ValueError("--save-controller applies only to the lr-schedule experiment")
+  if config.base_lr not in config.tune_lrs:
+    raise ValueError(f"tune_lrs={config.tune_lrs!r} must hold base_lr={config.base_lr!r}")
+  timings, results = {}, {}
+  start = time.perf_counter()
+  for i, dataset in enumerate(config.datasets):
+    print(f"[{i + 1}/{len(config.datasets)}] {dataset}", flush=True)
+    t0 = time.perf_counter()
+    results[dataset] = dict(evaluate_task(config, dataset), threshold=config.threshold)
+    timings[dataset] = time.perf_counter() - t0
+  timings["total"] = time.perf_counter() - start
+  target = write_report(out, config, results, timings)
+  return {"quality_target": target, "rows": table_rows(results), "out": str(out)}
