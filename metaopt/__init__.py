@@ -7,6 +7,7 @@ from metaopt.schedules import (
     LearnedLRState,
     LRController,
     current_lr,
+    early_stopping,
     hypergradient_adam,
     hypergradient_lr,
     hypergradient_sgd,

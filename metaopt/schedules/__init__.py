@@ -20,4 +20,4 @@ from metaopt.schedules.learned_lr import (
     scale_by_learned_lr,
     with_theta,
 )
-from metaopt.schedules.plateau import PlateauState, plateau_lr, should_stop
+from metaopt.schedules.plateau import EarlyStoppingState, PlateauState, early_stopping, plateau_lr, should_stop
