@@ -120,23 +120,27 @@ def _best(val_accuracy: np.ndarray, val_loss: np.ndarray) -> int:
   return int(np.lexsort((loss, -acc))[0])
 
 
-def evaluate_task(config: Config, dataset: str) -> dict:
-  """Trains every method on one dataset; returns curves, timings and the quality-target runs."""
+def evaluate_task(config: Config, dataset: str, store=None) -> dict:
+  """Trains every method on one dataset; returns curves, timings and the quality-target runs.
+
+  ``store``: a RunStore or path that records every training run (None: not recorded).
+  """
   probe = make_task(TaskConfig(dataset, "mlp", config.width, config.depth,
                                config.batch_size, 1, config.seed))
   every = steps_per_epoch(probe)
   steps = every * config.epochs
   task = make_task(probe.config._replace(total_steps=steps))
   seeds = jax.vmap(jax.random.PRNGKey)(jnp.arange(config.seeds) + 1000 * config.seed)
-  kw = dict(steps=steps, eval_every=every, feed_val_loss=True)
+  kw = dict(steps=steps, eval_every=every, feed_val_loss=True, store=store)
+  info = lambda method: {"run_info": {"experiment": "adaptive-lr", "method": method}}
   stop = lambda: early_stopping(config.patience, rtol=config.rtol)
   out = {"steps": steps, "steps_per_epoch": every, "methods": {}}
   methods = out["methods"]
 
-  def grid(make_tx, hparams: dict, groups: int):
+  def grid(make_tx, hparams: dict, groups: int, method: str):
     """One vmapped call over ``groups`` x seeds rows; curves reshaped to [groups, seeds, ...]."""
     keys = jnp.tile(seeds, (groups, 1))
-    res, wall = train_grid(task, make_tx, hparams, keys, **kw)
+    res, wall = train_grid(task, make_tx, hparams, keys, **kw, **info(method))
     return jax.tree.map(lambda x: x.reshape((groups, config.seeds) + x.shape[1:]), res), wall
 
   # Constant Adam over the tuning grid, step decay and cosine: one program.
@@ -145,7 +149,8 @@ def evaluate_task(config: Config, dataset: str) -> dict:
   ids = [0] * n + [1, 2]
   rep = lambda v, dtype: jnp.asarray(np.repeat(np.asarray(v, dtype), config.seeds))
   res, wall = grid(scheduled_adam(config, steps),
-                   {"lr": rep(lrs, np.float32), "schedule": rep(ids, np.int32)}, n + 2)
+                   {"lr": rep(lrs, np.float32), "schedule": rep(ids, np.int32)}, n + 2,
+                   "adam_schedules")
   per_run = wall / (n + 2)  # every row costs the same
   pick = lambda j: jax.tree.map(lambda x: x[j], res)
   best = _best(res.val_accuracy[:n, :, -1].mean(axis=1), res.val_loss[:n, :, -1].mean(axis=1))
@@ -163,7 +168,7 @@ def evaluate_task(config: Config, dataset: str) -> dict:
   # tuned constant LR, default beta: one program.
   starts = [config.base_lr] + [f * tuned_lr for f in config.start_factors]
   hd = lambda lr0: optax.chain(hypergradient_adam(lr0), stop())
-  res, wall = grid(hd, rep(starts, np.float32), len(starts))
+  res, wall = grid(hd, rep(starts, np.float32), len(starts), "hd_adam")
   pick = lambda j: jax.tree.map(lambda x: x[j], res)
   methods["hd_adam"] = dict(curves=pick(0), wall_time=wall / len(starts), runs=config.seeds,
                             lr=config.base_lr)
@@ -171,7 +176,7 @@ def evaluate_task(config: Config, dataset: str) -> dict:
                       for j, f in enumerate(config.start_factors)}
 
   for name, make_tx in method_txs(config, steps).items():
-    res, wall = train_grid(task, make_tx, jnp.zeros(config.seeds), seeds, **kw)
+    res, wall = train_grid(task, make_tx, jnp.zeros(config.seeds), seeds, **kw, **info(name))
     methods[name] = dict(curves=res, wall_time=wall, runs=config.seeds, lr=None)
   return out
 
@@ -317,8 +322,11 @@ def write_report(out, config: Config, results: dict, timings: dict) -> dict:
 
 
 def run(config: Config, out, *, progress: bool = True,
-        save_controller: Optional[str] = None) -> dict:
-  """Trains every method on every dataset; writes report.md, results.json and plots to ``out``."""
+        save_controller: Optional[str] = None, store=None) -> dict:
+  """Trains every method on every dataset; writes report.md, results.json and plots to ``out``.
+
+  ``store``: a RunStore or path recording every training run.
+  """
   del progress  # one line per dataset is all the progress there is
   if save_controller:
     raise ValueError("--save-controller applies only to the lr-schedule experiment")
@@ -329,7 +337,8 @@ def run(config: Config, out, *, progress: bool = True,
   for i, dataset in enumerate(config.datasets):
     print(f"[{i + 1}/{len(config.datasets)}] {dataset}", flush=True)
     t0 = time.perf_counter()
-    results[dataset] = dict(evaluate_task(config, dataset), threshold=config.threshold)
+    results[dataset] = dict(evaluate_task(config, dataset, store=store),
+                            threshold=config.threshold)
     timings[dataset] = time.perf_counter() - t0
   timings["total"] = time.perf_counter() - start
   target = write_report(out, config, results, timings)

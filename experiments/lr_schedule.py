@@ -74,8 +74,11 @@ def _best(val_accuracy: np.ndarray, val_loss: np.ndarray) -> int:
   return int(np.lexsort((loss, -acc))[0])
 
 
-def evaluate_task(config: Config, task_config: TaskConfig, thetas: dict) -> dict:
-  """Trains every method on one held-out task; returns curves and timings per method."""
+def evaluate_task(config: Config, task_config: TaskConfig, thetas: dict, store=None) -> dict:
+  """Trains every method on one held-out task; returns curves and timings per method.
+
+  ``store``: a RunStore or path that records every training run (None: not recorded).
+  """
   task = make_task(task_config)
   steps, every = task_config.total_steps, task_config.total_steps // config.evals
   seeds = jax.vmap(jax.random.PRNGKey)(jnp.arange(config.seeds) + 1000 * task_config.seed)
@@ -87,7 +90,8 @@ def evaluate_task(config: Config, task_config: TaskConfig, thetas: dict) -> dict
   keys = jnp.tile(seeds, (len(config.lrs), 1))
   for name in HAND:
     res, wall = train_grid(task, adam_with_schedule(name, steps), jnp.asarray(lrs), keys,
-                           steps=steps, eval_every=every, vectorize=vectorize)
+                           steps=steps, eval_every=every, vectorize=vectorize, store=store,
+                           run_info={"experiment": "lr-schedule", "method": name})
     res = jax.tree.map(lambda x: x.reshape((len(config.lrs), config.seeds) + x.shape[1:]), res)
     best = _best(res.val_accuracy[:, :, -1].mean(axis=1), res.val_loss[:, :, -1].mean(axis=1))
     out[name] = dict(curves=jax.tree.map(lambda x: x[best], res), lr=float(config.lrs[best]),
@@ -101,7 +105,8 @@ def evaluate_task(config: Config, task_config: TaskConfig, thetas: dict) -> dict
   for name, (controller, theta, meta_cfg) in thetas.items():
     make_tx = lambda _, c=controller, t=theta, m=meta_cfg: learned_lr_tx(c, t, m, steps)
     res, wall = train_grid(task, make_tx, jnp.zeros(config.seeds), seeds,
-                           steps=steps, eval_every=every, vectorize=vectorize)
+                           steps=steps, eval_every=every, vectorize=vectorize, store=store,
+                           run_info={"experiment": "lr-schedule", "method": name})
     out[name] = dict(curves=res, lr=None, wall_time=wall, runs=config.seeds)
   # Tuned cosine = the better of cosine and warmup-cosine on validation.
   variants = ("cosine", "warmup_cosine")
@@ -241,8 +246,11 @@ def write_report(out, config: Config, results: dict, meta_result, timings: dict)
 
 
 def run(config: Config, out, *, progress: bool = True,
-        save_controller: Optional[str] = None) -> dict:
-  """Meta-trains, evaluates, and writes report.md, results.json and plots into ``out``."""
+        save_controller: Optional[str] = None, store=None) -> dict:
+  """Meta-trains, evaluates, and writes report.md, results.json and plots into ``out``.
+
+  ``store``: a RunStore or path recording every evaluation training run.
+  """
   timings = {}
   start = time.perf_counter()
   meta_result = meta_train(config.meta, out / "meta", progress=progress)
@@ -265,7 +273,7 @@ def run(config: Config, out, *, progress: bool = True,
   tasks = config.heldout
   for i, tc in enumerate(tasks):
     print(f"[{i + 1}/{len(tasks)}] evaluating on {tc.name}", flush=True)
-    results[tc.name] = evaluate_task(config, tc, thetas)
+    results[tc.name] = evaluate_task(config, tc, thetas, store=store)
   timings["evaluation"] = time.perf_counter() - start
   summary = write_report(out, config, results, meta_result, timings)
   return {"summary": summary, "rows": table_rows(results), "out": str(out)}

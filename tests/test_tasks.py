@@ -183,7 +183,7 @@ def test_adam_trains_digits_mlp(digits_task):
 @pytest.mark.parametrize(
     "kwargs, bad",
     [
-        (dict(kind="rnn"), "'rnn'"),
+        (dict(kind="lstm"), "'lstm'"),
         (dict(kind="mlp", width=0), "0"),
         (dict(kind="mlp", depth=-2), "-2"),
         (dict(kind="cnn", image_shape=None), "None"),
@@ -201,7 +201,7 @@ def test_make_model_rejects_bad_inputs(kwargs, bad):
         (dict(batch_size=5000), "5000"),
         (dict(batch_size=0), "0"),
         (dict(model="cnn", dataset="wine"), "'wine'"),
-        (dict(model="transformer"), "'transformer'"),
+        (dict(model="resnet"), "'resnet'"),
         (dict(dataset="imagenet"), "'imagenet'"),
         (dict(width=0), "width"),
     ],
@@ -248,7 +248,7 @@ def test_family_sample_is_deterministic_and_valid():
     "kwargs, bad",
     [
         (dict(datasets=("cifar",)), "'cifar'"),
-        (dict(datasets=("digits",), models=("rnn",)), "'rnn'"),
+        (dict(datasets=("digits",), models=("lstm",)), "'lstm'"),
         (dict(datasets=()), r"\(\)"),
         (dict(datasets=("digits",), widths=()), "widths"),
         (dict(datasets=("digits",), depths=(1, 0)), "0"),

@@ -18,13 +18,31 @@ DATASETS: tuple[str, ...] = (
     "mnist5k",
     "mnist1d",
     "synthetic",
+    "synthetic_small",
+    "synthetic_wide",
+    "synthetic_hard",
+    "synthetic_easy",
 )
 
 # Image datasets: (height, width, channels) and the maximum raw pixel value.
 IMAGE_SHAPES: dict[str, tuple[int, int, int]] = {"digits": (8, 8, 1), "mnist5k": (28, 28, 1)}
 _PIXEL_MAX = {"digits": 16.0, "mnist5k": 255.0}
 # Generated datasets whose raw examples depend on the seed.
-_SEEDED = frozenset({"mnist1d", "synthetic"})
+# Synthetic classification sets of varied size, dimension and difficulty (hyperparameter sweeps):
+# sklearn make_classification arguments.
+SYNTHETIC: dict[str, dict] = {
+    "synthetic": dict(n_samples=2000, n_features=20, n_informative=10, n_redundant=4,
+                      n_classes=4),
+    "synthetic_small": dict(n_samples=300, n_features=10, n_informative=5, n_redundant=2,
+                            n_classes=3, class_sep=1.0),
+    "synthetic_wide": dict(n_samples=1000, n_features=200, n_informative=20, n_redundant=20,
+                           n_classes=5, class_sep=1.0),
+    "synthetic_hard": dict(n_samples=3000, n_features=30, n_informative=8, n_redundant=4,
+                           n_classes=6, n_clusters_per_class=3, class_sep=0.6, flip_y=0.1),
+    "synthetic_easy": dict(n_samples=800, n_features=8, n_informative=4, n_redundant=0,
+                           n_classes=2, class_sep=2.0),
+}
+_SEEDED = frozenset({"mnist1d", *SYNTHETIC})
 MNIST1D_NUM_SAMPLES = 4000
 # Example counts before splitting, so split sizes are known without loading the data.
 NUM_EXAMPLES: dict[str, int] = {
@@ -34,7 +52,7 @@ NUM_EXAMPLES: dict[str, int] = {
     "iris": 150,
     "mnist5k": 5000,
     "mnist1d": MNIST1D_NUM_SAMPLES,
-    "synthetic": 2000,
+    **{name: kw["n_samples"] for name, kw in SYNTHETIC.items()},
 }
 
 
@@ -87,15 +105,8 @@ def _raw(name: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
     x, y = table[:, :-1], table[:, -1].astype(np.int64)
   elif name == "mnist1d":
     x, y = _mnist1d(seed)
-  elif name == "synthetic":
-    x, y = skdatasets.make_classification(
-        n_samples=2000,
-        n_features=20,
-        n_informative=10,
-        n_redundant=4,
-        n_classes=4,
-        random_state=seed,
-    )
+  elif name in SYNTHETIC:
+    x, y = skdatasets.make_classification(**SYNTHETIC[name], random_state=seed)
   else:  # pragma: no cover - guarded by load_dataset
     raise ValueError(name)
   _, y = np.unique(y, return_inverse=True)  # labels become 0..C-1

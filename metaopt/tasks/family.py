@@ -72,13 +72,21 @@ class Task:
     x = jnp.zeros((1, self.data.x_train.shape[1]), jnp.float32)
     return self.model.init(key, x)["params"]
 
-  def loss(self, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+  def loss(self, params: Any, batch: dict[str, jax.Array], *, dropout_rate: Any = None,
+           key: jax.Array | None = None) -> jax.Array:
     """Mean softmax cross-entropy on batch = {"x", "y"} (and optional per-example "weight").
 
     Weights let one compiled program train with any batch size up to the
-    sampled one: a 0/1 mask over a larger sampled batch.
+    sampled one: a 0/1 mask over a larger sampled batch. With ``dropout_rate``
+    (may be traced) the model drops activations with masks drawn from ``key``.
     """
-    logits = self.model.apply({"params": params}, batch["x"])
+    if dropout_rate is None:
+      logits = self.model.apply({"params": params}, batch["x"])
+    else:
+      if key is None:
+        raise ValueError("dropout needs a PRNG key: pass key= with dropout_rate=")
+      logits = self.model.apply({"params": params}, batch["x"], dropout_rate,
+                                rngs={"dropout": key})
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
     if "weight" not in batch:
       return losses.mean()

@@ -1,4 +1,9 @@
-"""Small Flax classifiers that take flat feature vectors."""
+"""Small Flax classifiers that take flat feature vectors.
+
+Every classifier takes ``dropout_rate`` (None: no dropout). The rate may be a
+traced value, so runs with different rates share one compiled program; the
+dropout mask needs a ``"dropout"`` rng at ``apply``.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,34 @@ import numbers
 from typing import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
-MODEL_KINDS: tuple[str, ...] = ("mlp", "cnn")
+MODEL_KINDS: tuple[str, ...] = ("mlp", "cnn", "rnn", "transformer")
+MAX_TOKENS = 16  # sequence length a flat (non-image) input is cut into for rnn/transformer
+
+
+def dropout(module: nn.Module, x: jnp.ndarray, rate) -> jnp.ndarray:
+  """Inverted dropout with a possibly traced ``rate`` (flax's nn.Dropout needs a static one)."""
+  if rate is None:
+    return x
+  keep = jax.random.uniform(module.make_rng("dropout"), x.shape) >= rate
+  return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
+def as_tokens(x: jnp.ndarray, image_shape: tuple[int, ...] | None) -> jnp.ndarray:
+  """[batch, tokens, chunk]: image rows, or a flat input cut into at most MAX_TOKENS
+  equal chunks (zero-padded at the end)."""
+  n = x.shape[0]
+  if image_shape is not None:
+    h, w, c = image_shape
+    return x.reshape((n, h, w * c))
+  x = x.reshape((n, -1))
+  d = x.shape[1]
+  chunk = -(-d // MAX_TOKENS)
+  tokens = -(-d // chunk)
+  x = jnp.pad(x, ((0, 0), (0, tokens * chunk - d)))
+  return x.reshape((n, tokens, chunk))
 
 
 class MLP(nn.Module):
@@ -18,10 +48,10 @@ class MLP(nn.Module):
   num_classes: int
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, dropout_rate=None) -> jnp.ndarray:
     x = x.reshape((x.shape[0], -1))
     for width in self.hidden:
-      x = nn.relu(nn.Dense(width)(x))
+      x = dropout(self, nn.relu(nn.Dense(width)(x)), dropout_rate)
     return nn.Dense(self.num_classes)(x)
 
 
@@ -33,14 +63,53 @@ class CNN(nn.Module):
   channels: Sequence[int] = (16, 32)
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, dropout_rate=None) -> jnp.ndarray:
     x = x.reshape((x.shape[0], *self.image_shape))
     for ch in self.channels:
-      x = nn.relu(nn.Conv(ch, (3, 3), padding="SAME")(x))
+      x = dropout(self, nn.relu(nn.Conv(ch, (3, 3), padding="SAME")(x)), dropout_rate)
       if min(x.shape[1], x.shape[2]) // 2 >= 2:
         x = nn.avg_pool(x, (2, 2), strides=(2, 2), padding="SAME")
     x = x.mean(axis=(1, 2))
     return nn.Dense(self.num_classes)(x)
+
+
+class RNN(nn.Module):
+  """Stacked GRUs over the input's rows (images) or chunks (flat inputs); Dense on the last
+  output of the top layer."""
+
+  num_classes: int
+  width: int
+  depth: int
+  image_shape: tuple[int, ...] | None = None
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, dropout_rate=None) -> jnp.ndarray:
+    h = as_tokens(x, self.image_shape)
+    for _ in range(self.depth):
+      h = dropout(self, nn.RNN(nn.GRUCell(self.width))(h), dropout_rate)
+    return nn.Dense(self.num_classes)(h[:, -1])
+
+
+class Transformer(nn.Module):
+  """Pre-LayerNorm encoder over row/chunk tokens (learned positions), mean pool, Dense."""
+
+  num_classes: int
+  width: int
+  depth: int
+  heads: int = 2
+  image_shape: tuple[int, ...] | None = None
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, dropout_rate=None) -> jnp.ndarray:
+    tokens = as_tokens(x, self.image_shape)
+    pos = self.param("position", nn.initializers.normal(0.02), tokens.shape[1:2] + (self.width,))
+    h = nn.Dense(self.width)(tokens) + pos
+    for _ in range(self.depth):
+      a = nn.MultiHeadDotProductAttention(num_heads=self.heads)(nn.LayerNorm()(h))
+      h = h + dropout(self, a, dropout_rate)
+      m = nn.Dense(self.width)(nn.gelu(nn.Dense(2 * self.width)(nn.LayerNorm()(h))))
+      h = h + dropout(self, m, dropout_rate)
+    return nn.Dense(self.num_classes)(nn.LayerNorm()(h).mean(axis=1))
 
 
 def make_model(
@@ -51,8 +120,9 @@ def make_model(
     num_classes: int,
     image_shape: tuple[int, ...] | None = None,
 ) -> nn.Module:
-  """An MLP with `depth` hidden layers of `width`, or a CNN with `depth` conv blocks of
-  `width`, 2*`width`, ... channels."""
+  """An MLP with `depth` hidden layers of `width`; a CNN with `depth` conv blocks of
+  `width`, 2*`width`, ... channels; an RNN of `depth` stacked GRUs of `width`; or a
+  Transformer of `depth` blocks of `width` (2 heads)."""
   if kind not in MODEL_KINDS:
     raise ValueError(f"unknown model {kind!r}; accepted: {', '.join(MODEL_KINDS)}")
   for label, value in (("width", width), ("depth", depth), ("num_classes", num_classes)):
@@ -61,6 +131,12 @@ def make_model(
   width, depth, num_classes = int(width), int(depth), int(num_classes)
   if kind == "mlp":
     return MLP(hidden=(width,) * depth, num_classes=num_classes)
+  if kind in ("rnn", "transformer"):
+    if kind == "transformer" and width % 2:
+      raise ValueError(f"model 'transformer' needs an even width (2 heads), got {width}")
+    image = tuple(image_shape) if image_shape is not None else None
+    cls = RNN if kind == "rnn" else Transformer
+    return cls(num_classes=num_classes, width=width, depth=depth, image_shape=image)
   if image_shape is None or len(image_shape) != 3:
     raise ValueError(
         f"model 'cnn' needs an image dataset with image_shape (H, W, C), got {image_shape!r}; "
@@ -71,3 +147,35 @@ def make_model(
       image_shape=tuple(image_shape),
       channels=tuple(width * 2**i for i in range(depth)),
   )
+
+
+class Conv4(nn.Module):
+  """The MAML/ProtoNet learner: 4 x (conv3x3 ``filters``, BatchNorm, ReLU, max-pool 2), Dense.
+
+  BatchNorm always normalizes with the statistics of the batch it is given (no
+  running averages). Under ``jax.vmap`` over a meta-batch every task gets its own
+  statistics, so nothing leaks between tasks; at test time the query batch is
+  normalized with its own statistics, as in the original MAML (transductive).
+  """
+
+  num_classes: int
+  filters: int = 64
+  blocks: int = 4
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    for i in range(self.blocks):
+      x = nn.Conv(self.filters, (3, 3), padding="SAME")(x)
+      x = batch_norm(x, self.param(f"bn{i}_scale", nn.initializers.ones, (self.filters,)),
+                     self.param(f"bn{i}_bias", nn.initializers.zeros, (self.filters,)))
+      x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2), padding="SAME")
+    return nn.Dense(self.num_classes)(x.reshape((x.shape[0], -1)))
+
+
+def batch_norm(x: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray,
+               eps: float = 1e-5) -> jnp.ndarray:
+  """Normalizes over every axis but the last with this batch's own statistics."""
+  axes = tuple(range(x.ndim - 1))
+  mean = x.mean(axes)
+  var = jnp.square(x - mean).mean(axes)
+  return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias
