@@ -28,8 +28,8 @@ def tiny_run(tmp_path_factory):
 def test_report_has_every_method_with_confidence_intervals(tiny_run):
   out, result = tiny_run
   methods = [r["method"] for r in result["results"]]
-  assert methods == ["MAML", "random init", "joint pre-training", "random init, tuned LR",
-                     "joint pre-training, tuned LR"]
+  assert methods == ["MAML", "random init", "joint pre-training", "MAML, tuned LR",
+                     "random init, tuned LR", "joint pre-training, tuned LR"]
   for row in result["results"]:
     assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["macro-F1"] <= 1.0
     assert np.isfinite(row["accuracy ±95%"]) and row["accuracy ±95%"] > 0
