@@ -225,8 +225,10 @@ def write_report(config: Config, out, results: list[dict], summary: dict, info: 
             f"search method; metric `{config.metric}` ({config.mode}). Predictor: ensemble of "
             f"{config.predictor_ensemble} MLPs {list(config.predictor_hidden)}, "
             f"{config.predictor_steps} steps, fitted on the other datasets' runs only. "
-            f"Total wall time {info['wall_seconds'] / 60:.1f} min (sweep "
-            f"{info['sweep_seconds'] / 60:.1f} min).", ""]
+            f"This invocation took {info['wall_seconds'] / 60:.1f} min (its sweep "
+            f"{info['sweep_seconds'] / 60:.1f} min; a resumed sweep skips stored runs); the "
+            f"{info['runs']} stored runs hold {info.get('stored_run_seconds', 0) / 60:.1f} min "
+            "of training (excluding compilation).", ""]
   lines += ["Normalized regret after t trials = (best - found) / (best - median): `best` is the "
             "best known score on the held-out task (its stored sweep runs and every trial of "
             "every method), `median` the median of its stored random configurations, so 0 is the "
@@ -381,7 +383,8 @@ def run(config: Config, out, *, progress: bool = True, store=None, **unused) -> 
   results = _restore_budget_keys(results)
   summary = summarize(config, results)
   info = dict(wall_seconds=time.perf_counter() - start, sweep_seconds=sweep_seconds,
-              store=str(store_path), runs=len(runs))
+              store=str(store_path), runs=len(runs),
+              stored_run_seconds=float(sum(r.wall_time or 0.0 for r in runs)))
   plot(config, out, results, summary)
   write_report(config, out, results, summary, info)
   report.write_json(out / "results.json", dict(config=dataclasses.asdict(config), info=info,
