@@ -250,7 +250,7 @@ def _list() -> int:
   from metaopt.tasks import DATASETS
   print("experiments:")
   for k, v in EXPERIMENTS.items():
-    print(f"  {k:14s} {v}")
+    print(f"  {k:18s} {v}")
   print("datasets: " + ", ".join(DATASETS))
   return 0
 
