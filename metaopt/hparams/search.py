@@ -214,7 +214,7 @@ class TrainingObjective:
     if key not in self._programs:
       import jax
 
-      from metaopt.hparams.sweep import _make_tx
+      from metaopt.hparams.sweep import make_sweep_tx
       from metaopt.tasks import TaskConfig, make_task
       from metaopt.train import make_train_fn, steps_per_epoch
 
@@ -222,7 +222,7 @@ class TrainingObjective:
       task = make_task(TaskConfig(self.dataset, self.model, width, layers, self.micro_batch, 1,
                                   self.seed))
       per_epoch = steps_per_epoch(task)
-      run = make_train_fn(task, _make_tx, steps=self.epochs * per_epoch, eval_every=per_epoch,
+      run = make_train_fn(task, make_sweep_tx, steps=self.epochs * per_epoch, eval_every=per_epoch,
                           dropout=lambda h: h["dropout"])
       arrays = task.arrays()
       compiled = jax.jit(run).lower(self._traced(dict(self._defaults(), batch_size=16)),
@@ -232,8 +232,8 @@ class TrainingObjective:
     return self._programs[key]
 
   def _defaults(self) -> dict:
-    from metaopt.hparams.sweep import _resolved
-    return _resolved({}, self.model)
+    from metaopt.hparams.sweep import resolve_hparams
+    return resolve_hparams({}, self.model)
 
   def _traced(self, h: dict) -> dict:
     import jax.numpy as jnp
@@ -247,7 +247,8 @@ class TrainingObjective:
 
     import jax
 
-    from metaopt.hparams.sweep import KNOWN_HPARAMS, _resolved
+    from metaopt.hparams.sweep import KNOWN_HPARAMS, resolve_hparams
+    from metaopt.train import run_status
 
     out = []
     for config in configs:
@@ -255,7 +256,7 @@ class TrainingObjective:
       if unknown:
         raise ValueError(f"cannot train hyperparameter(s) {', '.join(map(repr, unknown))}; "
                          f"known: {', '.join(KNOWN_HPARAMS)}")
-      h = _resolved(dict(config), self.model)
+      h = resolve_hparams(dict(config), self.model)
       if h["batch_size"] % self.micro_batch:
         raise ValueError(f"batch_size {h['batch_size']} is not a multiple of the micro-batch "
                          f"{self.micro_batch}")
@@ -269,8 +270,7 @@ class TrainingObjective:
                 ("val_loss", "val_accuracy", "test_loss", "test_accuracy")}
       metrics = {k: float(v[-1]) for k, v in curves.items()}
       metrics["best_val_accuracy"] = float(np.nanmax(curves["val_accuracy"]))
-      ok = bool(np.all(np.isfinite(np.asarray(result.train_loss)))
-                and np.all(np.isfinite(curves["val_loss"])))
+      ok = run_status(result)[0] == "completed"
       out.append(Outcome(metrics[self.metric] if ok else math.nan,
                          "completed" if ok else "diverged", wall, metrics))
     return out

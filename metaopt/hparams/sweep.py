@@ -113,7 +113,7 @@ def check_space(space: Space) -> None:
         raise ValueError(f"space parameter {name!r}: values must be {accepted}, got {v!r}")
 
 
-def _resolved(config: dict, model: str) -> dict:
+def resolve_hparams(config: dict, model: str) -> dict:
   """A sampled config with defaults filled in and values checked."""
   h = {k: v for k, v in KNOWN_HPARAMS.items()}
   h.update(config)
@@ -151,7 +151,7 @@ def tasks_of(datasets: Sequence[str], models: Sequence[str]) -> tuple[list, list
   return valid, invalid
 
 
-def _make_tx(h):
+def make_sweep_tx(h):
   import optax
   inner = optax.adamw(h["learning_rate"], b1=h["beta1"], weight_decay=h["weight_decay"])
   return optax.MultiSteps(inner, every_k_schedule=lambda _: h["accumulate"])
@@ -163,7 +163,7 @@ def micro_batch(space: Space, configs: Sequence[dict], n_train: int) -> int:
   if "batch_size" in space.names and space["batch_size"].kind == "categorical":
     sizes = [int(c) for c in space["batch_size"].choices]
   else:
-    sizes = [int(_resolved(c, "mlp")["batch_size"]) for c in configs]
+    sizes = [int(resolve_hparams(c, "mlp")["batch_size"]) for c in configs]
   m = math.gcd(*sizes)
   return next(d for d in range(min(m, n_train), 0, -1) if m % d == 0)
 
@@ -180,7 +180,7 @@ def run_group(store: RunStore, dataset: str, model: str, configs: dict[int, dict
   from metaopt.train import result_rows, steps_per_epoch, train_grid
 
   counts = {"added": 0, "diverged": 0, "failed": 0}
-  resolved = {i: _resolved(c, model) for i, c in configs.items()}
+  resolved = {i: resolve_hparams(c, model) for i, c in configs.items()}
   groups: dict[tuple, list[int]] = {}
   for i, h in resolved.items():
     groups.setdefault((h["layers"], h["width"]), []).append(i)
@@ -210,7 +210,7 @@ def run_group(store: RunStore, dataset: str, model: str, configs: dict[int, dict
     extra = {"source": "sweep", "micro_batch": micro, "epochs": epochs}
     try:
       result, wall = train_grid(
-          task, _make_tx, hparams, seeds, steps=epochs * per_epoch, eval_every=per_epoch,
+          task, make_sweep_tx, hparams, seeds, steps=epochs * per_epoch, eval_every=per_epoch,
           vectorize=model in VMAPPED, dropout=(lambda h: h["dropout"]) if use_dropout else None)
       rows = result_rows(task, hparams, result, wall, task_features=features,
                          run_keys=run_keys, keys=seeds, model=model_info)
@@ -230,10 +230,6 @@ def run_group(store: RunStore, dataset: str, model: str, configs: dict[int, dict
     on_runs(len(rows))
   return counts
 
-
-# Public names of the sweep's training protocol (metaopt.hparams.search reuses them).
-resolve_hparams = _resolved
-make_sweep_tx = _make_tx
 
 
 def _worker_init(cache_dir: Optional[str]) -> None:
@@ -285,7 +281,7 @@ def sweep(store: Union[RunStore, str, os.PathLike], *, datasets: Optional[Sequen
       keys = {i: run_key(dataset, model, i, epochs=epochs, seed=seed, space=space)
               for i in range(trials_per_task)}
       for c in configs:
-        _resolved(c, model)  # bad values fail before any training
+        resolve_hparams(c, model)  # bad values fail before any training
       todo = {i: configs[i] for i in range(trials_per_task) if keys[i] not in done}
       skipped += trials_per_task - len(todo)
       if todo:
