@@ -13,11 +13,9 @@ batch 128). The generic wrapper's ratio is recorded, not targeted.
 
 from __future__ import annotations
 
-import jax
 import optax
 
 import common
-import metaopt
 from metaopt.schedules.hypergradient import hypergradient_adam, hypergradient_lr
 from metaopt.tasks import TaskConfig, make_task
 

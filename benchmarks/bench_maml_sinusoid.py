@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import common
-from metaopt.meta.maml import maml, meta_train, pretrain
+from metaopt.meta.maml import maml, meta_train_maml, pretrain
 from metaopt.tasks.fewshot import SinusoidFamily, mse_loss
 from metaopt.tasks.models import MLP
 
@@ -47,7 +47,7 @@ def main():
     params = model.init(jax.random.key(seed), jnp.zeros((1, 1)))["params"]
     m = learner(INNER_LR)
     start = time.perf_counter()
-    state, history = meta_train(m, m.init(params), lambda k: train_family.sample(k, META_BATCH),
+    state, history = meta_train_maml(m, m.init(params), lambda k: train_family.sample(k, META_BATCH),
                                 key=jax.random.key(1000 + seed), iterations=args.iterations,
                                 chunk=500)
     maml_time = time.perf_counter() - start

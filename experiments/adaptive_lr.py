@@ -22,18 +22,22 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from metaopt import config as config_lib
 from metaopt import report
+from metaopt.experiments.protocol import (Result, best_index, finish, lr_curve,
+                                          plot_method_curves, seed_keys, train_and_record)
 from metaopt.schedules import learned_lr
 from metaopt.schedules.baselines import unit_schedule
 from metaopt.schedules.hypergradient import hypergradient_adam, hypergradient_sgd
 from metaopt.schedules.plateau import early_stopping, plateau_lr
 from metaopt.tasks import DATASETS, TaskConfig, make_task
-from metaopt.train import steps_per_epoch, train_grid
+from metaopt.train import steps_per_epoch
+from metaopt.validation import check_choice, check_int, check_number, check_positive
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  datasets: tuple = DATASETS
+  datasets: tuple[str, ...] = DATASETS
   width: int = 64
   depth: int = 2
   batch_size: int = 32
@@ -43,11 +47,27 @@ class Config:
   patience: int = 10              # evaluations (epochs) without improvement before stopping
   rtol: float = 0.01              # relative improvement that resets the patience count
   hd_sgd_lr: float = 0.01         # initial LR of hypergradient SGD
-  tune_lrs: tuple = (3e-4, 1e-3, 3e-3)  # constant-Adam grid (must hold base_lr)
-  start_factors: tuple = (10.0, 0.1)    # Adam-HD starts, relative to the tuned constant LR
+  tune_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)  # constant-Adam grid (must hold base_lr)
+  start_factors: tuple[float, ...] = (10.0, 0.1)    # Adam-HD starts, relative to the tuned LR
   threshold: float = 1.1          # val-loss target: this times the best final val loss on the task
   include_pretrained: bool = True
   seed: int = 0
+  store: Optional[str] = None     # run store (SQLite file) recording every training run
+
+  def __post_init__(self):
+    if not self.datasets:
+      raise ValueError("datasets must name at least one dataset")
+    for name in self.datasets:
+      check_choice("dataset", name, DATASETS)
+    for name in ("width", "depth", "batch_size", "epochs", "seeds", "patience"):
+      check_int(name, getattr(self, name))
+    for name in ("base_lr", "hd_sgd_lr", "threshold"):
+      check_positive(name, getattr(self, name))
+    check_number("rtol", self.rtol, low=0.0, high=1.0)
+    for lr in self.tune_lrs + self.start_factors:
+      check_positive("tune_lrs and start_factors", lr)
+    if self.base_lr not in self.tune_lrs:
+      raise ValueError(f"tune_lrs={self.tune_lrs!r} must hold base_lr={self.base_lr!r}")
 
 
 def default_config(seed: int = 0) -> Config:
@@ -113,13 +133,6 @@ def method_txs(config: Config, steps: int) -> dict:
   return txs
 
 
-def _best(val_accuracy: np.ndarray, val_loss: np.ndarray) -> int:
-  """Index of the highest validation accuracy, ties broken by lower loss; NaN loses."""
-  acc = np.nan_to_num(val_accuracy, nan=-np.inf)
-  loss = np.nan_to_num(val_loss, nan=np.inf)
-  return int(np.lexsort((loss, -acc))[0])
-
-
 def evaluate_task(config: Config, dataset: str, store=None) -> dict:
   """Trains every method on one dataset; returns curves, timings and the quality-target runs.
 
@@ -130,17 +143,19 @@ def evaluate_task(config: Config, dataset: str, store=None) -> dict:
   every = steps_per_epoch(probe)
   steps = every * config.epochs
   task = make_task(probe.config._replace(total_steps=steps))
-  seeds = jax.vmap(jax.random.PRNGKey)(jnp.arange(config.seeds) + 1000 * config.seed)
-  kw = dict(steps=steps, eval_every=every, feed_val_loss=True, store=store)
-  info = lambda method: {"run_info": {"experiment": "adaptive-lr", "method": method}}
+  seeds = seed_keys(config.seeds, config.seed)
   stop = lambda: early_stopping(config.patience, rtol=config.rtol)
   out = {"steps": steps, "steps_per_epoch": every, "methods": {}}
   methods = out["methods"]
 
+  def train(make_tx, hparams, keys, method: str):
+    return train_and_record(task, make_tx, hparams, keys, store=store, steps=steps,
+                            eval_every=every, feed_val_loss=True,
+                            run_info={"experiment": "adaptive-lr", "method": method})
+
   def grid(make_tx, hparams: dict, groups: int, method: str):
     """One vmapped call over ``groups`` x seeds rows; curves reshaped to [groups, seeds, ...]."""
-    keys = jnp.tile(seeds, (groups, 1))
-    res, wall = train_grid(task, make_tx, hparams, keys, **kw, **info(method))
+    res, wall = train(make_tx, hparams, jnp.tile(seeds, (groups, 1)), method)
     return jax.tree.map(lambda x: x.reshape((groups, config.seeds) + x.shape[1:]), res), wall
 
   # Constant Adam over the tuning grid, step decay and cosine: one program.
@@ -153,7 +168,7 @@ def evaluate_task(config: Config, dataset: str, store=None) -> dict:
                    "adam_schedules")
   per_run = wall / (n + 2)  # every row costs the same
   pick = lambda j: jax.tree.map(lambda x: x[j], res)
-  best = _best(res.val_accuracy[:n, :, -1].mean(axis=1), res.val_loss[:n, :, -1].mean(axis=1))
+  best = best_index(res.val_accuracy[:n, :, -1].mean(axis=1), res.val_loss[:n, :, -1].mean(axis=1))
   tuned_lr = float(config.tune_lrs[best])
   methods["adam_1e-3"] = dict(curves=pick(list(config.tune_lrs).index(config.base_lr)),
                               wall_time=per_run, runs=config.seeds, lr=config.base_lr)
@@ -176,7 +191,7 @@ def evaluate_task(config: Config, dataset: str, store=None) -> dict:
                       for j, f in enumerate(config.start_factors)}
 
   for name, make_tx in method_txs(config, steps).items():
-    res, wall = train_grid(task, make_tx, jnp.zeros(config.seeds), seeds, **kw, **info(name))
+    res, wall = train(make_tx, jnp.zeros(config.seeds), seeds, name)
     methods[name] = dict(curves=res, wall_time=wall, runs=config.seeds, lr=None)
   return out
 
@@ -256,23 +271,17 @@ def quality_target(results: dict, tolerance: float = 0.02) -> dict:
   return out
 
 
-def write_report(out, config: Config, results: dict, timings: dict) -> dict:
+def write_report(out, config: Config, results: dict, timings: dict) -> Result:
   rows = table_rows(results)
   target = quality_target(results)
-  lr_panels, loss_panels = {}, {}
-  for dataset, r in results.items():
-    lr_panels[dataset], loss_panels[dataset] = {}, {}
-    for m in METHODS:
-      if m not in r["methods"]:
-        continue
-      c = r["methods"][m]["curves"]
-      steps = np.arange(1, c.learning_rate.shape[1] + 1)
-      lr_panels[dataset][LABELS[m]] = (steps, np.nanmean(c.learning_rate, axis=0))
-      loss_panels[dataset][LABELS[m]] = (c.eval_steps[0] / r["steps_per_epoch"],
-                                         c.val_loss.mean(axis=0))
-  report.plot_panels(out / "lr.png", lr_panels, ylabel="learning rate", logy=True, ymin=1e-7)
-  report.plot_panels(out / "val_loss.png", loss_panels, ylabel="validation loss",
-                     xlabel="epoch", logy=True)
+  curves = {d: {m: v["curves"] for m, v in r["methods"].items()} for d, r in results.items()}
+  labels = {m: LABELS[m] for m in METHODS}
+  plot_method_curves(out / "lr.png", curves, labels, lr_curve, ylabel="learning rate",
+                     logy=True, ymin=1e-7)
+  plot_method_curves(out / "val_loss.png", curves, labels,
+                     lambda c: (c.eval_steps[0] / (c.eval_steps[0][1] - c.eval_steps[0][0]),
+                                c.val_loss.mean(axis=0)),
+                     ylabel="validation loss", xlabel="epoch", logy=True)
 
   passed = sum(t["passed"] for t in target.values())
   lines = [
@@ -311,27 +320,26 @@ def write_report(out, config: Config, results: dict, timings: dict) -> dict:
                    f"{'PASS' if s['passed'] else 'FAIL'} |")
   lines += ["", f"Wall time: {timings['total']:.0f} s in all (compilation included).", "",
             "![LR over steps](lr.png)", "", "![validation loss](val_loss.png)", ""]
-  (out / "report.md").write_text("\n".join(lines))
-  curves = {d: {m: v["curves"]._asdict() for m, v in r["methods"].items()}
-            | {f"hd_adam_{k}": v["curves"]._asdict() for k, v in r["hd_starts"].items()}
-            for d, r in results.items()}
-  report.write_json(out / "results.json", {
-      "config": dataclasses.asdict(config), "rows": rows, "quality_target": target,
-      "timings": timings, "curves": curves})
-  return target
+  data = {"config": config_lib.to_dict(config), "rows": rows, "quality_target": target,
+          "timings": timings,
+          "curves": {d: {m: v["curves"]._asdict() for m, v in r["methods"].items()}
+                     | {f"hd_adam_{k}": v["curves"]._asdict() for k, v in r["hd_starts"].items()}
+                     for d, r in results.items()}}
+  terminal = []
+  for dataset, t in target.items():
+    starts = ", ".join(f"{k} {v['test_acc']:.4f}" for k, v in t["starts"].items())
+    terminal.append(f"{dataset}: Adam-HD test accuracy from {starts}; tuned constant "
+                    f"{t['tuned_acc']:.4f}")
+  return finish(out, "\n".join(lines), data, terminal)
 
 
-def run(config: Config, out, *, progress: bool = True,
-        save_controller: Optional[str] = None, store=None) -> dict:
+def run(config: Config, out, *, progress: bool = True, store=None) -> Result:
   """Trains every method on every dataset; writes report.md, results.json and plots to ``out``.
 
-  ``store``: a RunStore or path recording every training run.
+  ``store``: a RunStore or path recording every training run (default: ``config.store``).
   """
   del progress  # one line per dataset is all the progress there is
-  if save_controller:
-    raise ValueError("--save-controller applies only to the lr-schedule experiment")
-  if config.base_lr not in config.tune_lrs:
-    raise ValueError(f"tune_lrs={config.tune_lrs!r} must hold base_lr={config.base_lr!r}")
+  store = config.store if store is None else store
   timings, results = {}, {}
   start = time.perf_counter()
   for i, dataset in enumerate(config.datasets):
@@ -341,5 +349,4 @@ def run(config: Config, out, *, progress: bool = True,
                             threshold=config.threshold)
     timings[dataset] = time.perf_counter() - t0
   timings["total"] = time.perf_counter() - start
-  target = write_report(out, config, results, timings)
-  return {"quality_target": target, "rows": table_rows(results), "out": str(out)}
+  return write_report(out, config, results, timings)

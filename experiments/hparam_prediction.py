@@ -30,17 +30,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import pathlib
 import time
 from typing import Optional
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from metaopt import config as config_lib
 from metaopt import report
+from metaopt.experiments.protocol import Result, finish
 from metaopt.hparams import DEFAULT_SPACE, Predictor, RunStore, Space
-from metaopt.hparams.search import (CachedObjective, TrainingObjective, best_so_far,
-                                    predicted_search, random_search, score, tpe_search)
-from metaopt.hparams.sweep import sweep
+from metaopt.hparams.search import (CachedObjective, Outcome, best_so_far, predicted_search,
+                                    random_search, score, tpe_search)
+from metaopt.hparams.store import MODES
+from metaopt.hparams.sweep import TrainingObjective, sweep
 from metaopt.tasks.data import DATASETS
+from metaopt.tasks.models import MODEL_KINDS
+from metaopt.validation import check_choice, check_int
 
 METHODS = ("predicted", "random", "tpe", "tpe_warm")
 LABELS = {"predicted": "predicted top-k", "random": "random search", "tpe": "TPE",
@@ -49,21 +56,40 @@ LABELS = {"predicted": "predicted top-k", "random": "random search", "tpe": "TPE
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  datasets: tuple = DATASETS
+  datasets: tuple[str, ...] = DATASETS
   model: str = "mlp"               # family swept and evaluated
   trials_per_task: int = 50        # sweep configurations per (dataset, model)
   epochs: int = 5                  # training epochs of every run (sweep and trials)
-  budgets: tuple = (1, 3, 10, 30)  # trials at which the methods are compared
+  budgets: tuple[int, ...] = (1, 3, 10, 30)  # trials at which the methods are compared
   seeds: int = 2                   # search seeds per method and dataset
   top_k: int = 3                   # predicted configurations trained (top-1 and top-k)
   metric: str = "val_accuracy"
   mode: str = "max"
-  space: Optional[tuple] = None    # a Space's JSON (as a tuple of dicts); None: DEFAULT_SPACE
+  space: Optional[tuple[dict, ...]] = None  # a Space's JSON (tuple of dicts); None: default
   predictor_steps: int = 2000
   predictor_ensemble: int = 5
-  predictor_hidden: tuple = (64, 64)
+  predictor_hidden: tuple[int, ...] = (64, 64)
   workers: int = 1                 # sweep processes
   seed: int = 0
+  store: Optional[str] = None      # run store to sweep into (default: store.sqlite in the run)
+
+  def __post_init__(self):
+    if len(self.datasets) < 2:
+      raise ValueError("leave-one-dataset-out needs at least 2 datasets, got "
+                       f"{list(self.datasets)}")
+    for name in self.datasets:
+      check_choice("dataset", name, DATASETS)
+    check_choice("model", self.model, MODEL_KINDS)
+    check_choice("mode", self.mode, MODES)
+    for name in ("trials_per_task", "epochs", "seeds", "top_k", "predictor_steps",
+                 "predictor_ensemble", "workers"):
+      check_int(name, getattr(self, name))
+    if not self.budgets:
+      raise ValueError("budgets must hold at least one trial count")
+    for b in (*self.budgets, *self.predictor_hidden):
+      check_int("budgets and predictor_hidden", b)
+    if self.space is not None:
+      Space.from_json(list(self.space))
 
 
 def default_config(seed: int = 0) -> Config:
@@ -185,7 +211,6 @@ def evaluate_dataset(config: Config, dataset: str, runs: list, space: Space, *,
 
 
 def _stored_outcome(run, metric):
-  from metaopt.hparams.search import Outcome
   return Outcome(float(run.metrics.get(metric, math.nan)), run.status)
 
 
@@ -216,7 +241,7 @@ def summarize(config: Config, results: list[dict]) -> dict:
       suggest_seconds=_mean([r["suggest_seconds"] for r in results]))
 
 
-def write_report(config: Config, out, results: list[dict], summary: dict, info: dict) -> None:
+def report_text(config: Config, results: list[dict], summary: dict, info: dict) -> str:
   budgets = config.budgets
   lines = ["# Hyperparameter prediction: leave one dataset out", ""]
   lines += [f"Configuration: {config.model} on {len(results)} held-out datasets; sweep of "
@@ -310,7 +335,7 @@ def write_report(config: Config, out, results: list[dict], summary: dict, info: 
                   for x in r["suggestions"])
     lines.append(f"- **{r['dataset']}**: {s}. Best known: {_fmt_h(r['best_hparams'])}.")
   lines.append("")
-  (out / "report.md").write_text("\n".join(lines))
+  return "\n".join(lines)
 
 
 def _fmt_h(h: dict) -> str:
@@ -339,22 +364,13 @@ def plot(config: Config, out, results: list[dict], summary: dict) -> None:
                      ylabel="normalized regret (floor 1e-3)", xlabel="trials", logy=True)
 
 
-def run(config: Config, out, *, progress: bool = True, store=None, **unused) -> dict:
-  """Sweep (or resume) into ``out/store.sqlite`` (or ``store``), then leave one dataset out."""
-  import pathlib
-
-  from tqdm.auto import tqdm
-
-  del unused
+def run(config: Config, out, *, progress: bool = True, store=None) -> Result:
+  """Sweep (or resume) into ``out/store.sqlite`` (or ``store``, default ``config.store``),
+  then leave one dataset out."""
+  store = config.store if store is None else store
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   space = space_of(config)
-  if len(config.datasets) < 2:
-    raise ValueError("leave-one-dataset-out needs at least 2 datasets, got "
-                     f"{list(config.datasets)}")
-  if any(b < 1 for b in config.budgets) or config.top_k < 1 or config.seeds < 1:
-    raise ValueError(f"budgets, top_k and seeds must be >= 1, got {config.budgets}, "
-                     f"{config.top_k}, {config.seeds}")
   start = time.perf_counter()
   store_path = pathlib.Path(store) if store is not None else out / "store.sqlite"
   with RunStore(store_path) as st:
@@ -367,7 +383,7 @@ def run(config: Config, out, *, progress: bool = True, store=None, **unused) -> 
             and (r.extra or {}).get("epochs", config.epochs) == config.epochs]
   results = []
   partial = out / "partial.json"   # finished datasets, so an interrupted run resumes
-  key = json.loads(json.dumps(report._jsonable(dataclasses.asdict(config))))
+  key = json.loads(json.dumps(config_lib.to_dict(config)))
   done = {}
   if partial.exists():
     saved = json.loads(partial.read_text())
@@ -377,7 +393,7 @@ def run(config: Config, out, *, progress: bool = True, store=None, **unused) -> 
     if dataset in done:
       results.append(done[dataset])
       continue
-    results.append(json.loads(json.dumps(report._jsonable(
+    results.append(json.loads(json.dumps(report.jsonable(
         evaluate_dataset(config, dataset, runs, space, progress=progress)))))
     report.write_json(partial, dict(config=key, results=results))
   results = _restore_budget_keys(results)
@@ -386,10 +402,14 @@ def run(config: Config, out, *, progress: bool = True, store=None, **unused) -> 
               store=str(store_path), runs=len(runs),
               stored_run_seconds=float(sum(r.wall_time or 0.0 for r in runs)))
   plot(config, out, results, summary)
-  write_report(config, out, results, summary, info)
-  report.write_json(out / "results.json", dict(config=dataclasses.asdict(config), info=info,
-                                               summary=summary, datasets=results))
-  return dict(summary=summary, results=results, info=info)
+  data = dict(config=config_lib.to_dict(config), info=info, summary=summary, datasets=results)
+  s = summary
+  terminal = [
+      f"top-1 prediction beats random search at 10 trials on {s['top1_beats_random10']} of "
+      f"{s['datasets']} held-out datasets",
+      f"mean normalized regret at 10 trials: TPE warm-started {report.fmt(s['tpe_warm_regret10'])}"
+      f", TPE {report.fmt(s['tpe_regret10'])}"]
+  return finish(out, report_text(config, results, summary, info), data, terminal)
 
 
 def _restore_budget_keys(results: list[dict]) -> list[dict]:

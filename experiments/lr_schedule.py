@@ -18,12 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metaopt import config as config_lib
 from metaopt import report
+from metaopt.experiments.protocol import (Result, best_index, finish, lr_curve,
+                                          plot_method_curves, seed_keys, train_and_record)
 from metaopt.meta.lr import MetaLRConfig, learned_lr_tx, meta_train
 from metaopt.schedules import learned_lr
 from metaopt.schedules.baselines import DEFAULT_LRS, adam_with_schedule
-from metaopt.tasks import TaskConfig, make_task, task_family
-from metaopt.train import train_grid
+from metaopt.tasks import TaskConfig, check_task_config, make_task, task_family
+from metaopt.validation import check_int, check_positive
 
 TRAIN_FAMILY = task_family(
     datasets=("digits", "mnist1d", "synthetic"),
@@ -43,11 +46,28 @@ HELDOUT = (
 @dataclasses.dataclass(frozen=True)
 class Config:
   meta: MetaLRConfig
-  heldout: tuple = HELDOUT
+  heldout: tuple[TaskConfig, ...] = HELDOUT
   seeds: int = 2                  # evaluation seeds per held-out task
-  lrs: tuple = DEFAULT_LRS        # tuning grid of every hand schedule
+  lrs: tuple[float, ...] = DEFAULT_LRS  # tuning grid of every hand schedule
   evals: int = 20                 # evaluations per training run
   include_pretrained: bool = True
+  save_controller: Optional[str] = None  # also write the meta-trained controller here
+  store: Optional[str] = None     # run store (SQLite file) recording every evaluation run
+
+  def __post_init__(self):
+    for name in ("seeds", "evals"):
+      check_int(name, getattr(self, name))
+    if not self.lrs:
+      raise ValueError("lrs must hold at least one learning rate")
+    for lr in self.lrs:
+      check_positive("lrs", lr)
+    if not self.heldout:
+      raise ValueError("heldout must hold at least one task")
+    for task in self.heldout:
+      check_task_config(task)
+      if task.total_steps % self.evals:
+        raise ValueError(f"held-out task {task.name}: total_steps={task.total_steps} is not a "
+                         f"multiple of evals={self.evals}")
 
 
 def default_config(seed: int = 0) -> Config:
@@ -67,13 +87,6 @@ def quick_config(seed: int = 0) -> Config:
 HAND = ("constant", "step", "cosine", "warmup_cosine")
 
 
-def _best(val_accuracy: np.ndarray, val_loss: np.ndarray) -> int:
-  """Index of the highest validation accuracy, ties broken by lower loss; NaN loses."""
-  acc = np.nan_to_num(val_accuracy, nan=-np.inf)
-  loss = np.nan_to_num(val_loss, nan=np.inf)
-  return int(np.lexsort((loss, -acc))[0])
-
-
 def evaluate_task(config: Config, task_config: TaskConfig, thetas: dict, store=None) -> dict:
   """Trains every method on one held-out task; returns curves and timings per method.
 
@@ -81,19 +94,22 @@ def evaluate_task(config: Config, task_config: TaskConfig, thetas: dict, store=N
   """
   task = make_task(task_config)
   steps, every = task_config.total_steps, task_config.total_steps // config.evals
-  seeds = jax.vmap(jax.random.PRNGKey)(jnp.arange(config.seeds) + 1000 * task_config.seed)
+  seeds = seed_keys(config.seeds, task_config.seed)
   vectorize = task_config.model != "cnn"
   out = {}
+
+  def grid(make_tx, hparams, keys, method):
+    return train_and_record(task, make_tx, hparams, keys, store=store, steps=steps,
+                            eval_every=every, vectorize=vectorize,
+                            run_info={"experiment": "lr-schedule", "method": method})
 
   # One vmapped call per schedule: (lr grid) x (seeds).
   lrs = np.repeat(np.asarray(config.lrs, np.float32), config.seeds)
   keys = jnp.tile(seeds, (len(config.lrs), 1))
   for name in HAND:
-    res, wall = train_grid(task, adam_with_schedule(name, steps), jnp.asarray(lrs), keys,
-                           steps=steps, eval_every=every, vectorize=vectorize, store=store,
-                           run_info={"experiment": "lr-schedule", "method": name})
+    res, wall = grid(adam_with_schedule(name, steps), jnp.asarray(lrs), keys, name)
     res = jax.tree.map(lambda x: x.reshape((len(config.lrs), config.seeds) + x.shape[1:]), res)
-    best = _best(res.val_accuracy[:, :, -1].mean(axis=1), res.val_loss[:, :, -1].mean(axis=1))
+    best = best_index(res.val_accuracy[:, :, -1].mean(axis=1), res.val_loss[:, :, -1].mean(axis=1))
     out[name] = dict(curves=jax.tree.map(lambda x: x[best], res), lr=float(config.lrs[best]),
                      wall_time=wall, runs=len(lrs))
     if name == "constant":
@@ -104,15 +120,13 @@ def evaluate_task(config: Config, task_config: TaskConfig, thetas: dict, store=N
 
   for name, (controller, theta, meta_cfg) in thetas.items():
     make_tx = lambda _, c=controller, t=theta, m=meta_cfg: learned_lr_tx(c, t, m, steps)
-    res, wall = train_grid(task, make_tx, jnp.zeros(config.seeds), seeds,
-                           steps=steps, eval_every=every, vectorize=vectorize, store=store,
-                           run_info={"experiment": "lr-schedule", "method": name})
+    res, wall = grid(make_tx, jnp.zeros(config.seeds), seeds, name)
     out[name] = dict(curves=res, lr=None, wall_time=wall, runs=config.seeds)
   # Tuned cosine = the better of cosine and warmup-cosine on validation.
   variants = ("cosine", "warmup_cosine")
   final = lambda field: np.array([getattr(out[n]["curves"], field)[:, -1].mean()
                                   for n in variants])
-  pick = variants[_best(final("val_accuracy"), final("val_loss"))]
+  pick = variants[best_index(final("val_accuracy"), final("val_loss"))]
   out["tuned_cosine"] = dict(out[pick], variant=pick,
                              wall_time=out["cosine"]["wall_time"] + out["warmup_cosine"]["wall_time"],
                              runs=out["cosine"]["runs"] + out["warmup_cosine"]["runs"])
@@ -187,26 +201,21 @@ def quality_summary(results: dict) -> dict:
   return summary
 
 
-def write_report(out, config: Config, results: dict, meta_result, timings: dict) -> dict:
+def write_report(out, config: Config, results: dict, meta_result, timings: dict) -> Result:
   rows = table_rows(results)
   summary = quality_summary(results)
-  lr_panels, loss_panels = {}, {}
-  for task_name, methods in results.items():
-    lr_panels[task_name], loss_panels[task_name] = {}, {}
-    for m in METHOD_ORDER:
-      if m not in methods:
-        continue
-      c = methods[m]["curves"]
-      steps = np.arange(1, c.learning_rate.shape[1] + 1)
-      lr_panels[task_name][LABELS[m]] = (steps, np.nanmean(c.learning_rate, axis=0))
-      loss_panels[task_name][LABELS[m]] = (c.eval_steps[0], c.test_loss.mean(axis=0))
-  report.plot_panels(out / "lr.png", lr_panels, ylabel="learning rate", logy=True, ymin=1e-6)
-  report.plot_panels(out / "loss.png", loss_panels, ylabel="test loss", logy=True)
-  meta_hist = meta_result.history
+  labels = {m: LABELS[m] for m in METHOD_ORDER}
+  plot_method_curves(out / "lr.png", {t: {m: r["curves"] for m, r in ms.items()}
+                                      for t, ms in results.items()}, labels, lr_curve,
+                     ylabel="learning rate", logy=True, ymin=1e-6)
+  plot_method_curves(out / "loss.png", {t: {m: r["curves"] for m, r in ms.items()}
+                                        for t, ms in results.items()}, labels,
+                     lambda c: (c.eval_steps[0], c.test_loss.mean(axis=0)),
+                     ylabel="test loss", logy=True)
+  meta_hist = [h for h in meta_result.history if h["meta_loss"] is not None]
   if meta_hist:
-    steps = [h["meta_step"] for h in meta_hist if h["meta_loss"] is not None]
-    losses = [h["meta_loss"] for h in meta_hist if h["meta_loss"] is not None]
-    report.plot_panels(out / "meta_loss.png", {"meta-training": {"meta-loss": (steps, losses)}},
+    report.plot_panels(out / "meta_loss.png", {"meta-training": {"meta-loss": (
+        [h["step"] for h in meta_hist], [h["meta_loss"] for h in meta_hist])}},
                        ylabel="mean log val loss", xlabel="meta step")
 
   lines = ["# Learned LR schedule vs tuned hand schedules", "",
@@ -234,30 +243,28 @@ def write_report(out, config: Config, results: dict, meta_result, timings: dict)
                  + ", ".join(f"{k} {v:+.4f}" for k, v in s["acc_gain_over_adam_1e3"].items()))
   lines += ["", "![LR over steps](lr.png)", "", "![test loss](loss.png)", "",
             "![meta-training](meta_loss.png)", ""]
-  (out / "report.md").write_text("\n".join(lines))
-  data = {"config": dataclasses.asdict(config) | {"meta": {
-              k: v for k, v in dataclasses.asdict(config.meta).items() if k != "family"}
-              | {"family": config.meta.family._asdict()}},
-          "rows": rows, "summary": summary, "timings": timings,
+  data = {"config": config_lib.to_dict(config), "rows": rows, "summary": summary,
+          "timings": timings,
           "curves": {t: {m: r["curves"]._asdict() for m, r in ms.items()}
                      for t, ms in results.items()}}
-  report.write_json(out / "results.json", data)
-  return summary
+  terminal = [f"{LABELS[m]}: test accuracy / tuned cosine: mean {s['mean_ratio']:.4f}, "
+              f"worst {s['worst_ratio']:.4f} ({s['worst_task']})" for m, s in summary.items()]
+  return finish(out, "\n".join(lines), data, terminal)
 
 
-def run(config: Config, out, *, progress: bool = True,
-        save_controller: Optional[str] = None, store=None) -> dict:
+def run(config: Config, out, *, progress: bool = True, store=None) -> Result:
   """Meta-trains, evaluates, and writes report.md, results.json and plots into ``out``.
 
-  ``store``: a RunStore or path recording every evaluation training run.
+  ``store``: a RunStore or path recording every evaluation training run (default:
+  ``config.store``).
   """
+  store = config.store if store is None else store
   timings = {}
-  start = time.perf_counter()
   meta_result = meta_train(config.meta, out / "meta", progress=progress)
-  timings["meta_train"] = time.perf_counter() - start
-  if save_controller:
+  timings["meta_train"] = meta_result.seconds
+  if config.save_controller:
     learned_lr.save_controller(
-        meta_result.theta, save_controller, hidden=config.meta.hidden,
+        meta_result.theta, config.save_controller, hidden=config.meta.hidden,
         settings=config.meta.settings,
         info={"command": "metaopt run lr-schedule --save-controller DIR",
               "meta_steps": config.meta.meta_steps, "seed": config.meta.seed,
@@ -275,5 +282,4 @@ def run(config: Config, out, *, progress: bool = True,
     print(f"[{i + 1}/{len(tasks)}] evaluating on {tc.name}", flush=True)
     results[tc.name] = evaluate_task(config, tc, thetas, store=store)
   timings["evaluation"] = time.perf_counter() - start
-  summary = write_report(out, config, results, meta_result, timings)
-  return {"summary": summary, "rows": table_rows(results), "out": str(out)}
+  return write_report(out, config, results, meta_result, timings)

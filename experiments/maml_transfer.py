@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pathlib
 import time
 from typing import Optional
 
@@ -30,11 +31,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from metaopt import config as config_lib
 from metaopt import report
-from metaopt.checkpoint import Checkpoints
-from metaopt.meta.maml import MAMLState, maml, meta_train, pretrain
-from metaopt.tasks import fewshot
+from metaopt.experiments.protocol import Result, finish
+from metaopt.meta.maml import maml, pretrain
+from metaopt.tasks import fewshot, tfds_data
+from metaopt.tasks.backbone import load_params
 from metaopt.tasks.models import Conv4
+from metaopt.train import run_loop, scan_advance
+from metaopt.validation import check_int, check_number, check_positive
 
 # Offline: (dataset, digit classes); every class also rotated by 90, 180 and 270 degrees.
 OFFLINE_SPLITS = {
@@ -63,11 +68,29 @@ class Config:
   episodes: int = 600              # meta-test episodes
   val_every: int = 100
   val_episodes: int = 100
-  finetune_lrs: tuple = (0.01, 0.03, 0.1, 0.3)  # tuned on meta-val for the baselines
+  finetune_lrs: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)  # tuned on meta-val for baselines
   threshold: float = 0.5           # query accuracy for "steps to reach"
   max_per_class: Optional[int] = 200  # tfds only
   backbone: Optional[str] = None   # checkpoint of Conv4 weights to start MAML from
   seed: int = 0
+
+  def __post_init__(self):
+    for name in ("image_size", "filters", "n_way", "k_shot", "num_query", "inner_steps",
+                 "finetune_steps", "meta_iterations", "meta_batch", "batch_size", "episodes",
+                 "val_every", "val_episodes"):
+      check_int(name, getattr(self, name))
+    for name in ("pretrain_steps", "max_per_class"):
+      if getattr(self, name) is not None:
+        check_int(name, getattr(self, name))
+    check_positive("meta_lr", self.meta_lr)
+    check_positive("task_lr", self.task_lr)
+    for lr in self.finetune_lrs:
+      check_positive("finetune_lrs", lr)
+    check_number("threshold", self.threshold, low=0.0, high=1.0)
+    if self.data_dir is not None and not pathlib.Path(self.data_dir).is_dir():
+      raise FileNotFoundError(f"data_dir {self.data_dir!r} is not a folder")
+    if self.backbone is not None and not pathlib.Path(self.backbone).exists():
+      raise FileNotFoundError(f"backbone {self.backbone!r} does not exist")
 
 
 def default_config(seed: int = 0) -> Config:
@@ -78,15 +101,6 @@ def quick_config(seed: int = 0) -> Config:
   return Config(image_size=8, filters=8, meta_iterations=40, inner_steps=2, finetune_steps=3,
                 episodes=40, val_every=20, val_episodes=20, pretrain_steps=40,
                 finetune_lrs=(0.1,), seed=seed)
-
-
-def _check(config: Config) -> None:
-  for name in ("image_size", "filters", "n_way", "k_shot", "num_query", "inner_steps",
-               "finetune_steps", "meta_iterations", "meta_batch", "batch_size", "episodes",
-               "val_every", "val_episodes"):
-    value = getattr(config, name)
-    if not isinstance(value, int) or value < 1:
-      raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def load_pools(config: Config, progress: bool = False) -> dict[str, fewshot.ClassPool]:
@@ -101,7 +115,6 @@ def load_pools(config: Config, progress: bool = False) -> dict[str, fewshot.Clas
         parts.append(_prefixed(fewshot.with_rotations(pool), name))
       pools[role] = _concat(parts, role)
     return pools
-  from metaopt.tasks import tfds_data
   pools = {}
   for role, names in tfds_data.TRANSFER_SPLITS.items():
     parts = []
@@ -151,16 +164,19 @@ def initial_params(config: Config, model, key, dummy):
   params = model.init(key, dummy)["params"]
   if config.backbone is None:
     return params
-  from metaopt.tasks.backbone import load_params
   loaded, paths = load_params(config.backbone, {"params": params}, strict=False,
                               exclude=("params/Dense_0",))
   print(f"metaopt: loaded {len(paths)} arrays from {config.backbone}", flush=True)
   return loaded["params"]
 
 
-def run(config: Config, out, *, progress: bool = True, **_) -> dict:
-  """Meta-trains, pre-trains, evaluates on meta-test episodes; writes report.md and plots."""
-  _check(config)
+def run(config: Config, out, *, progress: bool = True, store=None) -> Result:
+  """Meta-trains, pre-trains, evaluates on meta-test episodes; writes report.md and plots.
+
+  Meta-training writes ``metrics.jsonl`` and checkpoints into ``out`` and resumes from them.
+  """
+  if store is not None:
+    raise ValueError("maml-transfer trains no runs a run store could record; drop --store")
   start_all = time.perf_counter()
   pools = load_pools(config, progress)
   for role, pool in pools.items():  # an episode needs k_shot + num_query images per class
@@ -212,35 +228,27 @@ def run(config: Config, out, *, progress: bool = True, **_) -> dict:
   sample_train = lambda k: families["meta_train"].sample(k, config.meta_batch)
 
   # --- MAML, with meta-validation and resumable checkpoints -----------------------------
-  state = learner.init(init_params)
-  checkpoints = Checkpoints(out / "checkpoints", every=config.val_every, keep=1)
-  progress_record = {"val": [], "best_val_accuracy": -1.0, "best_step": 0, "seconds": 0.0}
-  best = state
-  restored = checkpoints.restore(lambda p: {"state": state, "best": state})
-  if restored is not None:
-    _, trees, progress_record = restored
-    state, best = trees["state"], trees["best"]
-    print(f"metaopt: resumed MAML at iteration {int(state.step)}", flush=True)
+  train_chunk = scan_advance(lambda s, episodes: learner.meta_step(s, *episodes), sample_train,
+                             meta_key)
 
-  chunk_start = [time.perf_counter()]
+  def advance(loop, record, start, n):
+    """Meta-train ``n`` steps, then meta-validate; keep the best state so far."""
+    state, _, metrics = train_chunk(loop["state"], record, start, n)
+    acc = float(score(state, val_episodes, config.finetune_steps)["accuracy"].mean())
+    record = dict(record, val=record["val"] + [[start + n, acc]])
+    best = loop["best"]
+    if acc > record["best_val_accuracy"]:
+      record.update(best_val_accuracy=acc, best_step=start + n)
+      best = state
+    return {"state": state, "best": best}, record, metrics
 
-  def on_chunk(step, new_state, _):
-    nonlocal best
-    acc = float(score(new_state, val_episodes, config.finetune_steps)["accuracy"].mean())
-    progress_record["val"].append([step, acc])
-    if acc > progress_record["best_val_accuracy"]:
-      progress_record.update(best_val_accuracy=acc, best_step=step)
-      best = new_state
-    progress_record["seconds"] += time.perf_counter() - chunk_start[0]
-    checkpoints.save(step, {"state": new_state, "best": best}, progress_record, force=True)
-    chunk_start[0] = time.perf_counter()
-
-  if int(state.step) < config.meta_iterations:
-    state, _ = meta_train(learner, state, sample_train, key=meta_key,
-                          iterations=config.meta_iterations, chunk=config.val_every,
-                          progress=progress, on_chunk=on_chunk)
-  checkpoints.close()
-  maml_seconds = progress_record["seconds"]
+  initial = learner.init(init_params)
+  trained = run_loop(advance, {"state": initial, "best": initial}, steps=config.meta_iterations,
+                     chunk=config.val_every, record={"val": [], "best_val_accuracy": -1.0,
+                                                     "best_step": 0},
+                     directory=out, keep=1, progress=progress, desc="meta-training MAML")
+  state, best, progress_record = trained.state["state"], trained.state["best"], trained.record
+  maml_seconds = trained.seconds
   meta_flops = _flops(learner.meta_step, state, *sample_train(meta_key))
 
   # --- joint pre-training on all meta-train classes ------------------------------------
@@ -316,16 +324,16 @@ def run(config: Config, out, *, progress: bool = True, **_) -> dict:
                        {"MAML meta-validation": {"MAML": (val_curve[:, 0], val_curve[:, 1])}},
                        ylabel="query accuracy", xlabel="meta-iteration")
   result = {
-      "config": dataclasses.asdict(config),
+      "config": config_lib.to_dict(config),
       "data": {role: {"classes": p.num_classes, "images": int(len(p.x)),
                       "datasets": sorted({c.split(":")[0] for c in p.class_names})}
                for role, p in pools.items()},
       "results": rows, "compute": compute, "meta_validation": progress_record,
       "per_episode": per_method, "seconds": time.perf_counter() - start_all,
   }
-  report.write_json(out / "results.json", result)
-  (out / "report.md").write_text(_report(config, result))
-  return result
+  terminal = [f"{row['method']}: meta-test accuracy {row['accuracy']:.4f} "
+              f"± {row['accuracy ±95%']:.4f}, macro-F1 {row['macro-F1']:.4f}" for row in rows]
+  return finish(out, _report(config, result), result, terminal)
 
 
 def _report(config: Config, result: dict) -> str:
@@ -333,7 +341,6 @@ def _report(config: Config, result: dict) -> str:
                    f"({', '.join(d['datasets'])})" for role, d in result["data"].items())
   missing = ""
   if config.data_dir is not None:
-    from metaopt.tasks import tfds_data
     missing = "\nNot in tfds, skipped: " + ", ".join(
         f"{k} ({v})" for k, v in tfds_data.MISSING.items()) + "\n"
   best = result["meta_validation"]

@@ -1,6 +1,15 @@
-"""metaopt: learning how to optimize, in JAX."""
+"""metaopt: learning how to optimize, in JAX.
+
+The public surface: the unroll core and its estimators, the LR transforms (optax
+``GradientTransformationExtraArgs``), meta-training of LR controllers and of
+MAML-style initializations, and hyperparameters from past runs.
+"""
 
 from metaopt import estimators
+from metaopt.estimators import Estimate, first_order, full, tbptt
+from metaopt.hparams import Predictor, RunStore, Space, TASK_FEATURE_NAMES
+from metaopt.meta import (MAML, MAMLState, MetaLRConfig, MetaTrainResult, maml, meta_train,
+                          meta_train_maml, pretrain)
 from metaopt.schedules import (
     FEATURE_NAMES,
     LearnedLRSchedule,
@@ -12,12 +21,28 @@ from metaopt.schedules import (
     hypergradient_lr,
     hypergradient_sgd,
     init_controller,
+    load_controller,
     plateau_lr,
     pretrained_lr,
+    save_controller,
     scale_by_learned_lr,
     should_stop,
     with_theta,
 )
+from metaopt.train import LoopResult, TrainResult, run_loop, train_grid
 from metaopt.unroll import InnerProblem, unroll
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "unroll", "InnerProblem", "estimators", "Estimate", "tbptt", "full", "first_order",
+    "FEATURE_NAMES", "LRController", "init_controller", "scale_by_learned_lr",
+    "LearnedLRSchedule", "LearnedLRState", "pretrained_lr", "save_controller",
+    "load_controller", "with_theta", "current_lr",
+    "hypergradient_lr", "hypergradient_sgd", "hypergradient_adam",
+    "plateau_lr", "early_stopping", "should_stop",
+    "train_grid", "TrainResult", "run_loop", "LoopResult",
+    "meta_train", "MetaLRConfig", "MetaTrainResult",
+    "maml", "MAML", "MAMLState", "meta_train_maml", "pretrain",
+    "RunStore", "Predictor", "Space", "TASK_FEATURE_NAMES",
+]

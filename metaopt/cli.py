@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
+import json
 import pathlib
 import sys
 from typing import Optional, Sequence
 
-EXPERIMENTS = {
-    "lr-schedule": "meta-train an LR controller and compare it with tuned optax schedules",
-    "adaptive-lr": "plateau, hypergradient and learned LRs vs fixed schedules, with early stopping",
-    "hparam-prediction": "predicted hyperparameters vs random search and TPE, leave one dataset out",
-    "maml-transfer": "MAML initialization vs random init and joint pre-training on unseen datasets",
-}
+from metaopt import config as config_lib
+from metaopt import experiments, report, train
+from metaopt.hparams import Predictor, RunStore
+from metaopt.hparams import sweep as sweep_lib
+from metaopt.hparams.features import task_features
+from metaopt.tasks import DATASETS, MODEL_KINDS, load_dataset
+
+# Shorthand flags of `metaopt run` for config fields only some experiments have.
+FIELD_FLAGS = {"--data-dir": "data_dir", "--backbone": "backbone", "--store": "store",
+               "--save-controller": "save_controller"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,24 +30,28 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
   parser = _Parser(prog="metaopt", description="Learning how to optimize, in JAX.")
   commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+  names = ", ".join(experiments.REGISTRY)
   run = commands.add_parser(
-      "run", help="run an experiment: " + "; ".join(f"{k}: {v}" for k, v in EXPERIMENTS.items()),
-      description="Run an experiment and write report.md, results.json and plots.")
-  run.add_argument("experiment", help=f"one of: {', '.join(EXPERIMENTS)}")
-  run.add_argument("--quick", action="store_true", help="a tiny configuration (under 2 minutes)")
+      "run", help="run an experiment: " + "; ".join(
+          f"{k}: {v.summary}" for k, v in experiments.REGISTRY.items()),
+      description="Run an experiment and write report.md, results.json, plots and "
+      "config.json into a new run folder. The configuration starts from the experiment's "
+      "default (or --quick), then --config, then each --set in order.")
+  run.add_argument("experiment", help=f"one of: {names}")
+  run.add_argument("--quick", action="store_true", help="start from the tiny configuration")
+  run.add_argument("--config", metavar="FILE", help="TOML or JSON file of config fields "
+                   "(a run folder's config.json reproduces that run)")
+  run.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", dest="overrides",
+                   help="set one config field, e.g. --set meta.meta_steps=20 (repeatable)")
+  run.add_argument("--print-config", action="store_true",
+                   help="print the resolved configuration as JSON and exit")
   run.add_argument("--out", default="results", help="parent folder of run folders (default: results)")
   run.add_argument("--name", help="run folder name; an existing folder of that name is resumed")
-  run.add_argument("--seed", type=int, default=0)
-  run.add_argument("--meta-steps", type=int, help="override the number of meta-training steps")
-  run.add_argument("--save-controller", metavar="DIR",
-                   help="also write the meta-trained controller (msgpack + JSON) to DIR")
+  run.add_argument("--seed", type=int, default=0, help="seed of the default configuration")
   run.add_argument("--no-progress", action="store_true", help="no progress bars")
-  run.add_argument("--data-dir", metavar="DIR",
-                   help="maml-transfer: prepared tfds datasets instead of the offline ones")
-  run.add_argument("--backbone", metavar="FILE",
-                   help="maml-transfer: Conv4 weights (msgpack file or orbax folder) to start from")
-  run.add_argument("--store", metavar="PATH",
-                   help="also record every training run into this run store (SQLite file)")
+  for flag, field in FIELD_FLAGS.items():
+    run.add_argument(flag, dest=field, metavar="PATH",
+                     help=f"shorthand for --set {field}=PATH (experiments with that field)")
   sweep = commands.add_parser(
       "sweep", help="train configurations from a search space over the offline task suite "
       "into a run store", description="Fill a run store with training runs: each "
@@ -50,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
       "store are skipped.")
   sweep.add_argument("--store", required=True, metavar="PATH", help="run store (SQLite file)")
   sweep.add_argument("--datasets", help="comma-separated (default: all; see `metaopt list`)")
-  sweep.add_argument("--models", help="comma-separated from mlp,cnn,rnn,transformer "
+  sweep.add_argument("--models", help=f"comma-separated from {','.join(MODEL_KINDS)} "
                      "(default: all; cnn only runs on image datasets)")
   sweep.add_argument("--trials", type=int, help="configurations per (dataset, model) (default 30)")
   sweep.add_argument("--epochs", type=int, help="epochs per run (default 5)")
@@ -86,73 +95,43 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
-def _module(experiment: str):
-  """The experiment's module: default_config(seed), quick_config(seed), run(config, out, ...)."""
-  import importlib
-  return importlib.import_module("metaopt.experiments." + experiment.replace("-", "_"))
+def resolve_config(args, module):
+  """The experiment's configuration from the default (or --quick), --config, the
+  shorthand flags and every --set, in that order; ValueError naming a bad field."""
+  config = (module.quick_config if args.quick else module.default_config)(args.seed)
+  if args.config is not None:
+    config = config_lib.merge(config, config_lib.load_file(args.config))
+  fields = {f.name for f in dataclasses.fields(config)}
+  for flag, field in FIELD_FLAGS.items():
+    value = getattr(args, field)
+    if value is not None:
+      if field not in fields:
+        raise ValueError(f"{flag}: experiment {args.experiment!r} has no config field "
+                         f"{field!r}")
+      config = config_lib.merge(config, {field: value})
+  for assignment in args.overrides:
+    config = config_lib.override(config, assignment)
+  return config
 
 
 def _run(args) -> int:
-  if args.experiment not in EXPERIMENTS:
-    raise ValueError(f"unknown experiment {args.experiment!r}; accepted: {', '.join(EXPERIMENTS)}")
-  if args.meta_steps is not None and args.meta_steps < 1:
-    raise ValueError(f"--meta-steps must be >= 1, got {args.meta_steps}")
-  if args.meta_steps is not None and args.experiment != "lr-schedule":
-    raise ValueError("--meta-steps applies only to the lr-schedule experiment")
-  import dataclasses
-
-  from metaopt import report
-
-  experiment = _module(args.experiment)
-  config = (experiment.quick_config if args.quick else experiment.default_config)(args.seed)
-  if args.meta_steps is not None:
-    config = dataclasses.replace(config, meta=dataclasses.replace(config.meta,
-                                                                  meta_steps=args.meta_steps))
-  for flag, value in (("--data-dir", args.data_dir), ("--backbone", args.backbone)):
-    if value is not None and args.experiment != "maml-transfer":
-      raise ValueError(f"{flag} applies only to the maml-transfer experiment")
-  if args.data_dir is not None:
-    if not pathlib.Path(args.data_dir).is_dir():
-      raise FileNotFoundError(f"--data-dir {args.data_dir!r} is not a folder")
-    config = dataclasses.replace(config, data_dir=args.data_dir)
-  if args.backbone is not None:
-    if not pathlib.Path(args.backbone).exists():
-      raise FileNotFoundError(f"--backbone {args.backbone!r} does not exist")
-    config = dataclasses.replace(config, backbone=args.backbone)
-  extra = {}
-  if args.store is not None:
-    import inspect
-
-    from metaopt.hparams.store import RunStore
-    if "store" not in inspect.signature(experiment.run).parameters:
-      raise ValueError(f"--store is not supported by experiment {args.experiment!r}")
-    RunStore(args.store).close()  # a bad path fails now, not after the training
-    extra["store"] = args.store
+  module = experiments.load(args.experiment)
+  config = resolve_config(args, module)
+  if args.print_config:
+    print(config_lib.dumps(config), end="")
+    return 0
+  store = getattr(config, "store", None)
+  if store is not None:
+    RunStore(store).close()  # a bad path fails now, not after the training
+  train.enable_compilation_cache()
   name = args.name or f"{args.experiment}{'-quick' if args.quick else ''}"
   out = report.run_directory(args.out, name, resume=args.name is not None)
+  (out / "config.json").write_text(config_lib.dumps(config))
   print(f"metaopt: writing {out}", flush=True)
-  result = experiment.run(config, out, progress=not args.no_progress,
-                          save_controller=args.save_controller, **extra)
-  if args.experiment == "hparam-prediction":
-    s = result["summary"]
-    print(f"top-1 prediction beats random search at 10 trials on {s['top1_beats_random10']} of "
-          f"{s['datasets']} held-out datasets: {'PASS' if s['target1_passed'] else 'FAIL'}")
-    print(f"mean normalized regret at 10 trials: TPE warm-started {s['tpe_warm_regret10']}, "
-          f"TPE {s['tpe_regret10']}: {'PASS' if s['target2_passed'] else 'FAIL'}")
-  elif args.experiment == "maml-transfer":
-    for row in result["results"]:
-      print(f"{row['method']}: meta-test accuracy {row['accuracy']:.4f} "
-            f"± {row['accuracy ±95%']:.4f}, macro-F1 {row['macro-F1']:.4f}")
-  elif args.experiment == "lr-schedule":
-    for method, s in result["summary"].items():
-      print(f"{method}: test accuracy / tuned cosine: mean {s['mean_ratio']:.4f}, "
-            f"worst {s['worst_ratio']:.4f} ({s['worst_task']})")
-  else:
-    for dataset, t in result["quality_target"].items():
-      starts = ", ".join(f"{k} {v['test_acc']:.4f}" for k, v in t["starts"].items())
-      print(f"{dataset}: Adam-HD test accuracy from {starts} vs tuned constant "
-            f"{t['tuned_acc']:.4f}: {'PASS' if t['passed'] else 'FAIL'}")
-  print(f"metaopt: report at {out / 'report.md'}")
+  result = module.run(config, out, progress=not args.no_progress)
+  for line in result.summary_lines():
+    print(line)
+  print(f"metaopt: report at {result.report}")
   return 0
 
 
@@ -169,13 +148,9 @@ def _split(text, label: str, accepted) -> tuple | None:
 
 
 def _sweep(args) -> int:
-  from metaopt.hparams import sweep as sweep_lib
-  from metaopt.hparams.features import MODEL_FAMILIES
-  from metaopt.tasks import DATASETS
-
   quick = sweep_lib.QUICK if args.quick else {}
   datasets = _split(args.datasets, "datasets", DATASETS) or quick.get("datasets")
-  models = _split(args.models, "models", MODEL_FAMILIES) or quick.get("models")
+  models = _split(args.models, "models", MODEL_KINDS) or quick.get("models")
   trials = args.trials if args.trials is not None else quick.get("trials_per_task", 30)
   epochs = args.epochs if args.epochs is not None else quick.get("epochs", 5)
   for label, v in (("--trials", trials), ("--epochs", epochs), ("--workers", args.workers)):
@@ -195,18 +170,14 @@ def _sweep(args) -> int:
 
 def _hparams(args, parser) -> int:
   """``metaopt hparams fit|suggest``."""
-  import json
-
   if args.hparams_command is None:
     raise ValueError("metaopt hparams needs an action: fit or suggest")
-  from metaopt.hparams import Predictor, RunStore, Space
   if args.hparams_command == "fit":
     if not pathlib.Path(args.store).is_file():
       raise FileNotFoundError(f"no run store at {args.store!r}")
     space = None
     if args.space:
-      from metaopt.hparams.sweep import load_space
-      space = load_space(args.space)
+      space = sweep_lib.load_space(args.space)
     with RunStore(args.store) as store:
       predictor = Predictor.fit(store, metric=args.metric, mode=args.mode, space=space,
                                 steps=args.steps, seed=args.seed)
@@ -230,8 +201,6 @@ def _hparams(args, parser) -> int:
   else:
     if args.model is None:
       raise ValueError("--dataset needs --model (one of mlp, cnn, rnn, transformer)")
-    from metaopt.hparams.features import task_features
-    from metaopt.tasks.data import load_dataset
     features = task_features(load_dataset(args.dataset), model_family=args.model,
                              epochs=args.epochs)
   suggestions = predictor.suggest(features, k=args.k)
@@ -247,21 +216,11 @@ def _hparams(args, parser) -> int:
 
 
 def _list() -> int:
-  from metaopt.tasks import DATASETS
   print("experiments:")
-  for k, v in EXPERIMENTS.items():
-    print(f"  {k:18s} {v}")
+  for k, v in experiments.REGISTRY.items():
+    print(f"  {k:18s} {v.summary}")
   print("datasets: " + ", ".join(DATASETS))
   return 0
-
-
-def _enable_compilation_cache() -> None:
-  """Reuse XLA compilations across runs (meta-training compiles one program per task shape)."""
-  import jax
-  cache = os.environ.get("METAOPT_XLA_CACHE", str(pathlib.Path.home() / ".cache" / "metaopt" / "xla"))
-  if cache:
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -275,8 +234,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       return _list()
     if args.command == "hparams":
       return _hparams(args, parser)
-    _enable_compilation_cache()
     if args.command == "sweep":
+      train.enable_compilation_cache()
       return _sweep(args)
     return _run(args)
   except (ValueError, FileNotFoundError) as e:

@@ -23,13 +23,14 @@ def run_directory(root, name: str, *, resume: bool) -> pathlib.Path:
   return path
 
 
-def _jsonable(x):
+def jsonable(x):
+  """``x`` with numpy and jax values as JSON types (non-finite floats as None)."""
   if isinstance(x, Mapping):
-    return {str(k): _jsonable(v) for k, v in x.items()}
+    return {str(k): jsonable(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
+    return [jsonable(v) for v in x]
   if isinstance(x, np.ndarray) or hasattr(x, "__array__"):
-    return _jsonable(np.asarray(x).tolist())
+    return jsonable(np.asarray(x).tolist())
   if isinstance(x, (np.floating, float)):
     return None if not math.isfinite(float(x)) else float(x)
   if isinstance(x, np.integer):
@@ -38,7 +39,7 @@ def _jsonable(x):
 
 
 def write_json(path, data: Any) -> None:
-  pathlib.Path(path).write_text(json.dumps(_jsonable(data), indent=1) + "\n")
+  pathlib.Path(path).write_text(json.dumps(jsonable(data), indent=1) + "\n")
 
 
 def fmt(x, digits: int = 4) -> str:
@@ -64,9 +65,9 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) ->
 def plot_panels(path, panels: Mapping[str, Mapping[str, tuple]], *, ylabel: str,
                 xlabel: str = "step", logy: bool = False, ymin=None) -> None:
   """One subplot per panel, one line per method: ``panels[title][method] = (x, y)``."""
-  import matplotlib
+  import matplotlib  # 0.66 s to import with pyplot; only plotting needs it
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # after use("Agg"): no display here
 
   n = len(panels)
   cols = min(n, 3)

@@ -16,24 +16,30 @@ Dropout: ``dropout=fn`` picks the rate from ``hparams`` (``fn(hparams)``, may be
 traced, so a grid of rates is one program); each step draws its masks from
 ``fold_in(step key, 1)``, so runs stay deterministic.
 
-Recording: ``train_grid(..., store=RunStore or path)`` writes one row per run
-into a :class:`metaopt.hparams.RunStore` (see :func:`record_runs`).
+The host-side driver, :func:`run_loop`, runs any jitted chunk of steps in a
+Python loop with a progress bar, metrics as JSON Lines, orbax checkpoints and
+exact resume; meta-training (learned LRs, MAML) and pre-training run on it.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import pathlib
 import time
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
-from metaopt.schedules import current_lr
-from metaopt.schedules.plateau import has_stop_signal, should_stop
+from metaopt.checkpoint import Checkpoints
+from metaopt.schedules import current_lr, has_stop_signal, should_stop
 from metaopt.unroll import unroll
+from metaopt.validation import check_int
 
 PyTree = Any
 MakeTx = Callable[[PyTree], optax.GradientTransformation]
@@ -157,18 +163,16 @@ def make_train_fn(task, make_tx: MakeTx, *, steps: int, eval_every: int,
 
 def train_grid(task, make_tx: MakeTx, hparams: PyTree, keys: jax.Array, *,
                steps: int, eval_every: int, vectorize: bool = True,
-               feed_val_loss: bool = False, dropout: Optional[DropoutFn] = None,
-               store: Any = None, run_info: Optional[dict] = None
+               feed_val_loss: bool = False, dropout: Optional[DropoutFn] = None
                ) -> tuple[TrainResult, float]:
   """Trains one run per (hparams row, key) pair in one compiled program.
 
   ``hparams`` leaves and ``keys`` share a leading axis. Runs are vmapped, or
   with ``vectorize=False`` mapped one after another (vmapped convolutions
   become grouped convolutions, which are slow on the CPU). ``feed_val_loss``,
-  ``dropout``: see :func:`make_train_fn`. ``store``: a RunStore or a path to
-  record every run into (:func:`record_runs`; ``run_info`` is added to each
-  run's hyperparameters, e.g. ``{"schedule": "cosine"}``). Returns the stacked
-  results (as numpy) and the wall time of the compiled call in seconds.
+  ``dropout``: see :func:`make_train_fn`. Returns the stacked results (as numpy)
+  and the wall time of the compiled call in seconds; ``metaopt.hparams.record_runs``
+  writes them into a run store.
   """
   one = make_train_fn(task, make_tx, steps=steps, eval_every=eval_every,
                       feed_val_loss=feed_val_loss, dropout=dropout)
@@ -180,26 +184,7 @@ def train_grid(task, make_tx: MakeTx, hparams: PyTree, keys: jax.Array, *,
   compiled = run.lower(hparams, keys, arrays).compile()
   start = time.perf_counter()
   result = jax.block_until_ready(compiled(hparams, keys, arrays))
-  result, wall = jax.tree.map(np.asarray, result), time.perf_counter() - start
-  if store is not None:
-    record_runs(store, task, hparams, result, wall, run_info=run_info, keys=keys)
-  return result, wall
-
-
-def _hparam_rows(hparams: PyTree, n: int) -> tuple[list[dict], list[dict]]:
-  """Per-run (scalar, array) hyperparameter dicts from a batched pytree (dict keys name them)."""
-  flat = jax.tree_util.tree_flatten_with_path(hparams)[0]
-  scalars, arrays = [{} for _ in range(n)], [{} for _ in range(n)]
-  for path, leaf in flat:
-    name = ".".join(str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p))))
-                    for p in path) or "hparam"
-    values = np.asarray(leaf).reshape(n, -1)
-    for s, a, v in zip(scalars, arrays, values):
-      if v.size == 1:  # shortest decimal of the stored precision: 1e-3, not 0.0010000000474974513
-        s[name] = float(str(v[0])) if np.issubdtype(v.dtype, np.floating) else v[0].item()
-      else:
-        a[name] = v.tolist()
-  return scalars, arrays
+  return jax.tree.map(np.asarray, result), time.perf_counter() - start
 
 
 def run_status(result: TrainResult) -> np.ndarray:
@@ -215,72 +200,158 @@ def run_status(result: TrainResult) -> np.ndarray:
   return np.where(bad_train | bad_val, "diverged", "completed")
 
 
-def result_rows(task, hparams: PyTree, result: TrainResult, wall_time: float, *,
-                task_features: Optional[dict] = None, run_info: Optional[dict] = None,
-                run_keys: Optional[list] = None, keys: Any = None,
-                model: Optional[dict] = None) -> list[dict]:
-  """RunStore rows (dicts of ``RunStore.add`` arguments) for a grid trained by train_grid.
+# --- the host-side driver ----------------------------------------------------------------
 
-  Hyperparameters: the task's ``batch_size`` and ``layers`` (its depth), the
-  ``hparams`` row (a dict's keys, else ``hparam``) and ``run_info``. Metrics:
-  final val/test loss and accuracy, best val accuracy, last-chunk train loss.
-  Curves: the same per evaluation. Features: ``task_features`` or the task's
-  meta-features from metaopt.hparams.features. Wall time: an equal share.
+Metrics = Union[dict, list]
+Advance = Callable[[PyTree, dict, int, int], tuple[PyTree, dict, Metrics]]
+METRICS_FILE = "metrics.jsonl"
+
+
+class LoopResult(NamedTuple):
+  """What :func:`run_loop` ends with."""
+  state: PyTree        # the array state after the last step
+  record: dict         # the host-side record after the last step
+  history: list        # one dict per step, {"step": t, **metrics}, resumed steps included
+  start: int           # the step this call started from (> 0 after a resume)
+  seconds: float       # wall time of every call that contributed, resumes included
+
+  def curves(self) -> dict[str, np.ndarray]:
+    """The numeric per-step metrics of ``history`` as arrays."""
+    keys = [k for k in (self.history[0] if self.history else {}) if k != "step"]
+    out = {}
+    for k in keys:
+      values = [h.get(k) for h in self.history]
+      if all(isinstance(v, (int, float)) or v is None for v in values):
+        out[k] = np.asarray([np.nan if v is None else v for v in values], np.float64)
+    return out
+
+
+def _per_step(metrics: Metrics, n: int) -> list[dict]:
+  """A chunk's metrics as ``n`` JSON-able dicts (from a dict of [n, ...] arrays or a list)."""
+  if isinstance(metrics, list):
+    rows = metrics
+  else:
+    arrays = {k: np.asarray(v) for k, v in metrics.items()}
+    rows = [{k: v[i] for k, v in arrays.items()} for i in range(n)]
+  plain = lambda v: v.item() if isinstance(v, np.ndarray) and v.ndim == 0 else (
+      v.tolist() if isinstance(v, np.ndarray) else v.item() if isinstance(v, np.generic) else v)
+  return [{k: plain(v) for k, v in row.items()} for row in rows]
+
+
+def _default_postfix(row: dict) -> dict:
+  return {k: f"{v:.4g}" for k, v in row.items()
+          if k != "step" and isinstance(v, float) and math.isfinite(v)}
+
+
+def run_loop(advance: Advance, state: PyTree, *, steps: int, chunk: int = 1,
+             start: int = 0, record: Optional[dict] = None, directory=None,
+             checkpoint_every: Optional[int] = None, keep: int = 2,
+             target: Optional[Callable[[dict], PyTree]] = None, progress: bool = False,
+             desc: str = "training", postfix: Optional[Callable[[dict], dict]] = None,
+             stop_after: Optional[int] = None) -> LoopResult:
+  """Runs ``advance`` from step 0 (or the last checkpoint) to ``steps``.
+
+  Args:
+    advance: ``advance(state, record, start, n) -> (state, record, metrics)`` runs
+      steps ``start .. start + n - 1``; typically a jitted :func:`metaopt.unroll`
+      of ``n`` steps. ``metrics`` is a dict of arrays with leading axis ``n`` or a
+      list of ``n`` dicts. Anything random must derive from the global step, so
+      that chunks of any length give the same numbers.
+    state: the array pytree at step ``start`` (what orbax checkpoints).
+    steps: total number of steps.
+    chunk: steps per call of ``advance``.
+    start: the step ``state`` is at (a state carried over from an earlier call).
+    record: JSON-able host-side state at step 0 (saved beside ``state``).
+    directory: where ``metrics.jsonl`` (one line per step) and ``checkpoints/`` go.
+      A directory with checkpoints resumes from the latest, and its metrics file is
+      cut back to the restored step. ``None``: nothing is written.
+    checkpoint_every: steps between checkpoints (default: ``chunk``); the last step
+      is always saved. Chunks are cut so that checkpoints fall between them.
+    keep: checkpoints kept.
+    target: ``target(record) -> pytree`` shaped like the state saved with ``record``
+      (default: ``state``), for states whose shapes depend on the record.
+    progress: show a progress bar; ``postfix(row)`` picks what it shows of the
+      latest step (default: every finite float metric).
+    stop_after: end at this step as a kill would (no extra checkpoint); for tests.
   """
-  n = int(np.asarray(result.val_loss).shape[0])
-  cfg = task.config
-  steps = int(np.asarray(result.train_loss).shape[-1])
-  evals = np.asarray(result.eval_steps).reshape(n, -1)[0]
-  every = int(evals[1] - evals[0]) if len(evals) > 1 else steps
-  if task_features is None:
-    from metaopt.hparams.features import task_features as features_of
-    task_features = features_of(task.data, model_family=cfg.model,
-                                epochs=steps / steps_per_epoch(task))
-  if model is None:
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
-        jax.eval_shape(task.init, jax.random.PRNGKey(0))))
-    model = {"family": cfg.model, "width": cfg.width, "depth": cfg.depth, "n_params": n_params}
-  status = run_status(result)
-  train_loss = np.asarray(result.train_loss).reshape(n, -1, every)
-  with np.errstate(all="ignore"):
-    chunk_loss = np.array([[np.nanmean(c) if np.isfinite(c).any() else np.nan for c in run]
-                           for run in train_loss])
-  key_data = None
-  if keys is not None:
-    k = np.asarray(jax.random.key_data(keys) if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key)
-                   else keys)
-    key_data = k.reshape(n, -1).tolist()
-  rows = []
-  scalars, arrays = _hparam_rows(hparams, n)
-  for i, hp in enumerate(scalars):
-    curves = {name: np.asarray(getattr(result, name))[i].tolist()
-              for name in ("val_loss", "val_accuracy", "test_loss", "test_accuracy")}
-    curves["train_loss"] = [math.nan] + chunk_loss[i].tolist()  # aligned with eval_steps
-    val_acc = np.asarray(result.val_accuracy)[i]
-    metrics = {name: float(values[-1]) for name, values in curves.items()}
-    metrics["best_val_accuracy"] = float(np.nanmax(val_acc)) if np.isfinite(val_acc).any() \
-        else math.nan
-    extra = {"steps": steps, "eval_every": every, "eval_steps": evals.tolist(),
-             "dataset_seed": cfg.seed}
-    if key_data is not None:
-      extra["key"] = key_data[i]
-    if arrays[i]:
-      extra["array_hparams"] = arrays[i]
-    rows.append(dict(
-        task=cfg.dataset, task_features=task_features,
-        hparams={"batch_size": cfg.batch_size, "layers": cfg.depth, **hp, **(run_info or {})},
-        metrics=metrics, curves=curves, model=model, status=str(status[i]),
-        wall_time=wall_time / n, run_key=None if run_keys is None else run_keys[i],
-        extra=extra))
-  return rows
+  steps = check_int("steps", steps)
+  chunk = check_int("chunk", chunk)
+  every = check_int("checkpoint_every", chunk if checkpoint_every is None else checkpoint_every)
+  record = dict(record or {})
+  start, seconds, history = check_int("start", start, low=0), 0.0, []
+  checkpoints = metrics_file = None
+  if directory is not None:
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    metrics_file = directory / METRICS_FILE
+    checkpoints = Checkpoints(directory / "checkpoints", every=every, keep=keep)
+    initial = state
+    restored = checkpoints.restore(lambda saved: initial if target is None
+                                   else target(saved["record"]))
+    if restored is not None:
+      start, state, saved = restored
+      record, seconds = saved["record"], saved["seconds"]
+      print(f"metaopt: resumed {desc} at step {start} from {directory}", flush=True)
+    # Keep the lines of the steps the state has seen, and only those.
+    if metrics_file.exists():
+      lines = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+      history = [h for h in lines if h["step"] < start]
+    metrics_file.write_text("".join(json.dumps(h) + "\n" for h in history))
+
+  end = steps if stop_after is None else min(steps, check_int("stop_after", stop_after, low=0))
+  postfix = postfix or _default_postfix
+  began = time.perf_counter()
+  bar = tqdm(total=steps, initial=start, disable=not progress, desc=desc, unit="step",
+             dynamic_ncols=True)
+  step = start
+  while step < end:
+    n = min(chunk - step % chunk, every - step % every, end - step)
+    state, record, metrics = advance(state, record, step, n)
+    rows = [{"step": step + i, **m} for i, m in enumerate(_per_step(metrics, n))]
+    history += rows
+    step += n
+    if metrics_file is not None:
+      with metrics_file.open("a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    if checkpoints is not None:
+      checkpoints.save(step, state, {"record": record,
+                                     "seconds": seconds + time.perf_counter() - began},
+                       force=step == steps)
+    bar.update(n)
+    bar.set_postfix(postfix(rows[-1]))
+  bar.close()
+  if checkpoints is not None:
+    checkpoints.close()
+  return LoopResult(state, record, history, start, seconds + time.perf_counter() - began)
 
 
-def record_runs(store: Any, task, hparams: PyTree, result: TrainResult, wall_time: float,
-                **kw) -> list[int]:
-  """Add :func:`result_rows` to ``store`` (a RunStore, or a path opened and closed here)."""
-  from metaopt.hparams.store import RunStore
-  rows = result_rows(task, hparams, result, wall_time, **kw)
-  if isinstance(store, RunStore):
-    return store.add_many(rows)
-  with RunStore(store) as opened:
-    return opened.add_many(rows)
+def scan_advance(step_fn: Callable[[PyTree, PyTree], tuple[PyTree, dict]],
+                 sample: Callable[[jax.Array], PyTree], key: jax.Array) -> Advance:
+  """An ``advance`` for :func:`run_loop` that scans ``state, metrics = step_fn(state,
+  sample(fold_in(key, t)))`` over steps ``t`` in one jitted :func:`metaopt.unroll` per
+  chunk (compiled once per chunk length). The record passes through unchanged."""
+  def body(_, carry, __):
+    state, t = carry
+    state, metrics = step_fn(state, sample(jax.random.fold_in(key, t)))
+    return (state, t + 1), metrics
+
+  run_chunk = jax.jit(lambda state, t, n: unroll(body, None, (state, t), None, length=n),
+                      static_argnums=2)
+
+  def advance(state, record, start, n):
+    (state, _), metrics = run_chunk(state, jnp.int32(start), n)
+    return state, record, metrics
+  return advance
+
+
+def enable_compilation_cache(directory: Optional[str] = None) -> Optional[str]:
+  """Reuse XLA compilations across processes (meta-training compiles one program per task
+  shape). ``directory`` defaults to ``$METAOPT_XLA_CACHE`` or ``~/.cache/metaopt/xla``; an
+  empty ``METAOPT_XLA_CACHE`` turns the cache off. Returns the directory used, if any."""
+  if directory is None:
+    directory = os.environ.get("METAOPT_XLA_CACHE",
+                               str(pathlib.Path.home() / ".cache" / "metaopt" / "xla"))
+  if directory:
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  return directory or None

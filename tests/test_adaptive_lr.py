@@ -111,7 +111,7 @@ def test_cli_adaptive_lr_quick_writes_report_results_and_plots(tmp_path, monkeyp
   methods = {r["method"] for r in results["rows"]}
   assert set(adaptive_lr.LABELS.values()) - {"learned (shipped)"} <= methods
   for row in results["rows"]:
-    assert 0.0 <= row["test acc"] <= 1.0 and row["step time / Adam"] > 0
+    assert 0.0 <= row["test acc"] <= 1.0
   curves = results["curves"]["iris"]
   assert all(len(c["learning_rate"][0]) == 2 * 3 for c in curves.values())  # 2 epochs of 3
   target = results["quality_target"]["iris"]
@@ -127,6 +127,12 @@ def test_unknown_experiment_lists_both():
   assert "accepted: lr-schedule, adaptive-lr" in out.stderr
 
 
-def test_adaptive_lr_rejects_lr_schedule_only_options(capsys):
-  assert cli.main(["run", "adaptive-lr", "--quick", "--meta-steps", "3"]) == 2
-  assert "--meta-steps applies only to the lr-schedule experiment" in capsys.readouterr().err
+def test_adaptive_lr_rejects_lr_schedule_only_options(capsys, tmp_path):
+  assert cli.main(["run", "adaptive-lr", "--quick", "--out", str(tmp_path),
+                   "--set", "meta.meta_steps=3"]) == 2
+  assert "unknown config field 'meta'" in capsys.readouterr().err
+  assert cli.main(["run", "adaptive-lr", "--quick", "--out", str(tmp_path),
+                   "--save-controller", str(tmp_path / "c")]) == 2
+  assert "experiment 'adaptive-lr' has no config field 'save_controller'" in \
+      capsys.readouterr().err
+  assert not any(tmp_path.iterdir())  # no run folder for a failed start

@@ -29,7 +29,10 @@ def test_help_lists_every_command():
 
 @pytest.mark.parametrize("args, needle", [
     (("run", "no-such-experiment"), "unknown experiment 'no-such-experiment'; accepted: lr-schedule"),
-    (("run", "lr-schedule", "--meta-steps", "0"), "--meta-steps must be >= 1, got 0"),
+    (("run", "lr-schedule", "--set", "meta.meta_steps=0"), "meta_steps must be an integer >= 1, got 0"),
+    (("run", "lr-schedule", "--set", "meta.meta_stepz=3"), "unknown config field 'meta_stepz'"),
+    (("run", "lr-schedule", "--set", "seeds=two"), "config field 'seeds': expected an integer"),
+    (("run", "lr-schedule", "--set", "seeds"), "expected path.to.field=value"),
     (("run", "lr-schedule", "--seed", "abc"), "invalid int value: 'abc'"),
     (("frobnicate",), "invalid choice: 'frobnicate'"),
 ])
@@ -50,7 +53,7 @@ def tiny_quick(seed=0):
       heldout=(TaskConfig("iris", "mlp", 12, 1, 16, 100, 0),), lrs=(1e-3, 1e-2), evals=5)
 
 
-def test_run_writes_report_results_and_plots(tmp_path, monkeypatch):
+def test_run_writes_report_results_and_plots(tmp_path, monkeypatch, capsys):
   monkeypatch.setenv("METAOPT_XLA_CACHE", "")
   monkeypatch.setattr(lr_schedule, "quick_config", tiny_quick)
   args = ["run", "lr-schedule", "--quick", "--out", str(tmp_path), "--no-progress"]
@@ -69,8 +72,51 @@ def test_run_writes_report_results_and_plots(tmp_path, monkeypatch):
   # LR curves are recorded per step for every method.
   curves = results["curves"]["iris-mlp-12x1-b16-s100"]
   assert all(len(c["learning_rate"][0]) == 100 for c in curves.values())
+  # config.json is the resolved configuration: --print-config gives the same text, and
+  # --config reads it back to the same configuration.
+  printed = tmp_path / "printed.json"
+  capsys.readouterr()
+  assert cli.main(args + ["--print-config"]) == 0
+  printed.write_text(capsys.readouterr().out)
+  saved = (out / "config.json").read_text()
+  assert printed.read_text() == saved
+  assert json.loads(saved)["meta"]["meta_steps"] == 4
+  assert cli.main(["run", "lr-schedule", "--config", str(out / "config.json"), "--print-config"]) == 0
+  assert capsys.readouterr().out == saved
   # A second run without --name gets a new folder; with --name it resumes the old one.
   assert report_lib.run_directory(tmp_path, "lr-schedule-quick", resume=False).name == \
       "lr-schedule-quick-2"
   assert report_lib.run_directory(tmp_path, "lr-schedule-quick", resume=True) == out
   assert (out / "report.md").read_text() == report
+
+
+@pytest.mark.parametrize("make_file, needle", [
+    (lambda d: d, "is a folder"),
+    (lambda d: d / "missing.toml", "no config file at"),
+    (lambda d: (d / "bad.json").write_text("{nope") and d / "bad.json", "is not valid JSON"),
+    (lambda d: (d / "bad.toml").write_text("x = = 1") and d / "bad.toml", "is not valid TOML"),
+    (lambda d: (d / "extra.toml").write_text("colour = 3\n") and d / "extra.toml",
+     "unknown config field 'colour'"),
+    (lambda d: (d / "type.toml").write_text("[meta]\nmeta_steps = 'ten'\n") and d / "type.toml",
+     "config field 'meta.meta_steps': expected an integer, got 'ten'"),
+])
+def test_bad_config_files_get_one_line_and_no_run_folder(tmp_path, capsys, make_file, needle):
+  out = tmp_path / "runs"
+  path = make_file(tmp_path)
+  assert cli.main(["run", "lr-schedule", "--out", str(out), "--config", str(path)]) == 2
+  err = capsys.readouterr().err
+  assert needle in err and err.count("\n") == 1, err
+  assert not out.exists()
+
+
+def test_a_toml_file_sets_nested_fields(tmp_path, capsys):
+  path = tmp_path / "short.toml"
+  path.write_text("seeds = 3\nlrs = [1e-3, 1e-2]\n[meta]\nmeta_steps = 7\n"
+                  "[meta.family]\ndatasets = ['digits']\n")
+  assert cli.main(["run", "lr-schedule", "--quick", "--config", str(path),
+                   "--set", "meta.lanes=3", "--print-config"]) == 0
+  config = json.loads(capsys.readouterr().out)
+  assert config["seeds"] == 3 and config["lrs"] == [1e-3, 1e-2]
+  assert config["meta"]["meta_steps"] == 7 and config["meta"]["lanes"] == 3
+  assert config["meta"]["family"]["datasets"] == ["digits"]
+  assert config["meta"]["family"]["widths"] == [32]   # the rest comes from --quick

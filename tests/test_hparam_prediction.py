@@ -25,7 +25,7 @@ def tiny_config():
 def tiny_run(tmp_path_factory):
   out = tmp_path_factory.mktemp("hp")
   config = tiny_config()
-  return config, out, hp.run(config, out, progress=False)
+  return config, out, hp.run(config, out, progress=False).data
 
 
 def test_tiny_experiment_end_to_end(tiny_run):
@@ -42,7 +42,7 @@ def test_tiny_experiment_end_to_end(tiny_run):
   space = Space.from_json(list(config.space))
   with RunStore(out / "store.sqlite") as store:
     assert len(store) == 8     # the sweep: 4 runs per dataset
-  for d in result["results"]:
+  for d in result["datasets"]:
     assert d["n_train_runs"] == 4 and d["n_stored"] == 4   # only the other dataset's runs
     scores = [t["value"] for ts in d["trials"].values() for tr in ts for t in tr
               if t["status"] == "completed"]
@@ -70,7 +70,7 @@ def test_tiny_experiment_resumes_without_retraining(tiny_run, monkeypatch):
   def boom(*a, **k):
     raise AssertionError("a finished dataset was evaluated again")
   monkeypatch.setattr(hp, "evaluate_dataset", boom)
-  again = hp.run(config, out, progress=False)
+  again = hp.run(config, out, progress=False).data
   assert json.dumps(again["summary"]) == json.dumps(result["summary"])
 
 

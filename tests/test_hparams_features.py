@@ -24,7 +24,7 @@ def toy(n=200, d=6, classes=2, informative=True, seed=0, name="toy"):
 def test_task_features_have_the_documented_names_and_sizes():
   data = load_dataset("iris")
   f = F.task_features(data, model_family="mlp", epochs=10)
-  assert tuple(f) == F.FEATURE_NAMES
+  assert tuple(f) == F.TASK_FEATURE_NAMES
   assert f["n_train"] == len(data.y_train) == 90 and f["n_features"] == 4 and f["n_classes"] == 3
   assert f["log10_n_train"] == pytest.approx(math.log10(90))
   assert f["class_entropy"] == pytest.approx(1.0)  # stratified: balanced

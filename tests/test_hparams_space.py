@@ -141,3 +141,15 @@ def test_infer_from_past_runs():
     Space.infer([{"learning_rate": 0.1, "dropout": 0.1}, {"learning_rate": 0.2}])
   with pytest.raises(ValueError, match="zero configurations"):
     Space.infer([])
+
+
+def test_snap_is_the_encoding_of_the_decoded_point():
+  space = Space([Param("lr", "float", 1e-5, 1e-1, log=True), Param("layers", "int", 2, 5),
+                 Param("width", "int", 8, 512, log=True),
+                 Param("batch", "categorical", choices=(16, 32, 64)),
+                 Param("one", "categorical", choices=("only",))])
+  u = np.random.default_rng(0).uniform(-0.2, 1.2, size=(500, space.dim))
+  snapped = space.snap(u)
+  expected = np.stack([space.encode(space.decode(row)) for row in u])
+  np.testing.assert_allclose(snapped, expected, atol=1e-12)
+  assert [space.decode(row) for row in snapped] == [space.decode(row) for row in u]

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from metaopt.schedules import learned_lr
+import metaopt
 from metaopt.schedules.hypergradient import (
     HypergradientAdamState, HypergradientState, hypergradient_adam, hypergradient_lr,
     hypergradient_sgd)
@@ -304,18 +304,18 @@ def test_learning_rate_is_readable_from_the_state():
 def test_current_lr_reads_hypergradient_states():
   for tx in (hypergradient_sgd(0.05), hypergradient_adam(0.05)):
     state = optax.chain(optax.clip_by_global_norm(1.0), tx).init(PARAMS)
-    assert float(learned_lr.current_lr(state)) == pytest.approx(0.05)
+    assert float(metaopt.current_lr(state)) == pytest.approx(0.05)
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda: hypergradient_lr(optax.identity(), 0.1, beta=-1.0), r"beta=-1\.0"),
-    (lambda: hypergradient_adam(1e-3, beta=float("nan")), r"beta=nan"),
-    (lambda: hypergradient_sgd(0.0), r"initial_lr=0\.0"),
-    (lambda: hypergradient_adam(-1e-3), r"initial_lr=-0\.001"),
+    (lambda: hypergradient_lr(optax.identity(), 0.1, beta=-1.0), r"beta .*got -1\.0"),
+    (lambda: hypergradient_adam(1e-3, beta=float("nan")), r"beta .*got nan"),
+    (lambda: hypergradient_sgd(0.0), r"initial_lr .*got 0\.0"),
+    (lambda: hypergradient_adam(-1e-3), r"initial_lr .*got -0\.001"),
     (lambda: hypergradient_sgd(2.0), r"initial_lr=2\.0 is outside"),
     (lambda: hypergradient_adam(1e-3, min_lr=0.5, max_lr=0.1), r"min_lr=0\.5, max_lr=0\.1"),
-    (lambda: hypergradient_sgd(0.1, min_lr=-1.0), r"min_lr=-1\.0"),
-    (lambda: hypergradient_sgd(0.1, momentum=1.5), r"momentum=1\.5"),
+    (lambda: hypergradient_sgd(0.1, min_lr=-1.0), r"min_lr .*got -1\.0"),
+    (lambda: hypergradient_sgd(0.1, momentum=1.5), r"momentum .*got 1\.5"),
 ])
 def test_bad_input_raises_naming_the_value(make, match):
   with pytest.raises(ValueError, match=match):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metaopt.meta.maml import maml, meta_train, pretrain, repeat
+from metaopt.meta.maml import maml, meta_train_maml, pretrain, repeat
 from metaopt.tasks.fewshot import (
     classification_metrics, cross_entropy_loss, fewshot_family, mse_loss, offline_fewshot_splits,
     offline_pool, sinusoid_family, split_classes, with_rotations)
@@ -130,11 +130,11 @@ def test_meta_training_lowers_query_loss_and_resumes_exactly():
   m = maml(mse_loss(model), inner_lr=0.01, inner_steps=2)
   sample = lambda k: SINE.sample(k, 4)
   key = jax.random.key(3)
-  full, history = meta_train(m, m.init(params), sample, key=key, iterations=60, chunk=20)
+  full, history = meta_train_maml(m, m.init(params), sample, key=key, iterations=60, chunk=20)
   assert history["query_loss"].shape == (60,)
   assert history["query_loss"][-20:].mean() < history["query_loss"][:20].mean()
-  half, _ = meta_train(m, m.init(params), sample, key=key, iterations=40, chunk=20)
-  resumed, rest = meta_train(m, half, sample, key=key, iterations=60, chunk=20)
+  half, _ = meta_train_maml(m, m.init(params), sample, key=key, iterations=40, chunk=20)
+  resumed, rest = meta_train_maml(m, half, sample, key=key, iterations=60, chunk=20)
   assert rest["query_loss"].shape == (20,)
   for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(a, b)
@@ -232,3 +232,20 @@ def test_sinusoid_family_ranges():
 def test_repeat_adds_a_time_axis():
   b = repeat({"x": jnp.ones((2, 3))}, 4)
   assert b["x"].shape == (4, 2, 3)
+
+
+def test_meta_training_resumes_from_its_checkpoints_on_the_driver(tmp_path):
+  model = MLP(hidden=(8,), num_classes=1)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 1)))["params"]
+  m = maml(mse_loss(model), inner_lr=0.01, inner_steps=1)
+  sample = lambda k: SINE.sample(k, 2)
+  kw = dict(key=jax.random.key(5), iterations=6, chunk=2)
+  full, history = meta_train_maml(m, m.init(params), sample, directory=tmp_path / "a", **kw)
+  meta_train_maml(m, m.init(params), sample, directory=tmp_path / "b", stop_after=3, **kw)
+  resumed, resumed_history = meta_train_maml(m, m.init(params), sample,
+                                             directory=tmp_path / "b", **kw)
+  for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(history["query_loss"], resumed_history["query_loss"])
+  assert (tmp_path / "a" / "metrics.jsonl").read_text() == \
+      (tmp_path / "b" / "metrics.jsonl").read_text()

@@ -1,7 +1,6 @@
 """The maml-transfer experiment end to end on a tiny configuration, resume and backbone loading."""
 
 import dataclasses
-import json
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +21,7 @@ TINY = dataclasses.replace(
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
   out = tmp_path_factory.mktemp("maml")
-  return out, maml_transfer.run(TINY, out, progress=False)
+  return out, maml_transfer.run(TINY, out, progress=False).data
 
 
 def test_report_has_every_method_with_confidence_intervals(tiny_run):
@@ -43,8 +42,8 @@ def test_report_has_every_method_with_confidence_intervals(tiny_run):
 
 def test_rerun_resumes_meta_training_from_the_checkpoint(tiny_run, capsys):
   out, first = tiny_run
-  again = maml_transfer.run(TINY, out, progress=False)
-  assert "resumed MAML at iteration 4" in capsys.readouterr().out
+  again = maml_transfer.run(TINY, out, progress=False).data
+  assert "resumed meta-training MAML at step 4" in capsys.readouterr().out
   assert again["meta_validation"]["val"] == first["meta_validation"]["val"]
   assert again["results"][0]["accuracy"] == first["results"][0]["accuracy"]
 
@@ -70,11 +69,17 @@ def test_backbone_checkpoint_is_loaded_and_mismatch_is_named(tmp_path):
 
 
 def test_cli_rejects_flags_of_other_experiments(capsys, tmp_path):
-  assert cli.main(["run", "lr-schedule", "--data-dir", str(tmp_path)]) == 2
+  out = tmp_path / "runs"
+  assert cli.main(["run", "lr-schedule", "--out", str(out), "--data-dir", str(tmp_path)]) == 2
   err = capsys.readouterr().err
-  assert err.count("\n") == 1 and "--data-dir applies only to the maml-transfer" in err
-  assert cli.main(["run", "maml-transfer", "--backbone", str(tmp_path / "none.msgpack")]) == 2
+  assert err.count("\n") == 1
+  assert "--data-dir: experiment 'lr-schedule' has no config field 'data_dir'" in err
+  assert cli.main(["run", "maml-transfer", "--out", str(out),
+                   "--backbone", str(tmp_path / "none.msgpack")]) == 2
   assert "does not exist" in capsys.readouterr().err
+  assert cli.main(["run", "maml-transfer", "--out", str(out), "--store", str(tmp_path / "s")]) == 2
+  assert "has no config field 'store'" in capsys.readouterr().err
+  assert not out.exists()  # no run folder for a failed start
 
 
 def test_bad_config_names_the_value(tmp_path):

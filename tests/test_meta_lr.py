@@ -37,7 +37,7 @@ def test_resume_equals_uninterrupted(tmp_path):
   leaves_equal(full.theta, resumed.theta)
   assert any(np.abs(np.asarray(x)).sum() > 0 for x in jax.tree.leaves(full.theta))
   lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
-  assert [json.loads(l)["meta_step"] for l in lines] == list(range(7))
+  assert [json.loads(l)["step"] for l in lines] == list(range(7))
   assert [h["meta_loss"] for h in resumed.history] == [h["meta_loss"] for h in full.history]
   # A finished run restarted does no more work and gives the same theta.
   again = meta_train(config, tmp_path / "resumed", progress=False)

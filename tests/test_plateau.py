@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from metaopt.schedules.plateau import PlateauState, plateau_lr, should_stop
+from metaopt.schedules import PlateauState, plateau_lr, should_stop
 
 PARAMS = {"w": jnp.array([1.0, -2.0, 3.0]), "b": jnp.array(0.5, jnp.float32)}
 ONES = jax.tree.map(jnp.ones_like, PARAMS)
@@ -146,7 +146,7 @@ def test_should_stop_finds_the_state_inside_a_chain_and_under_vmap():
 
 
 def test_current_lr_reads_the_plateau_state():
-  from metaopt.schedules.learned_lr import current_lr
+  from metaopt.schedules import current_lr
   state = optax.chain(optax.scale_by_adam(), plateau_lr(0.05)).init(PARAMS)
   assert float(current_lr(state)) == pytest.approx(0.05)
 
@@ -218,15 +218,15 @@ def test_inside_optax_chain_and_scan(name):
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda: plateau_lr(0.1, factor=0.0), r"factor=0\.0"),
-    (lambda: plateau_lr(0.1, factor=1.0), r"factor=1\.0"),
-    (lambda: plateau_lr(0.1, factor=-0.5), r"factor=-0\.5"),
-    (lambda: plateau_lr(0.1, patience=0), r"patience=0"),
-    (lambda: plateau_lr(0.1, patience=2.5), r"patience=2\.5"),
-    (lambda: plateau_lr(0.1, cooldown=-1), r"cooldown=-1"),
-    (lambda: plateau_lr(0.1, early_stopping_patience=0), r"early_stopping_patience=0"),
+    (lambda: plateau_lr(0.1, factor=0.0), r"factor .*got 0\.0"),
+    (lambda: plateau_lr(0.1, factor=1.0), r"factor .*got 1\.0"),
+    (lambda: plateau_lr(0.1, factor=-0.5), r"factor .*got -0\.5"),
+    (lambda: plateau_lr(0.1, patience=0), r"patience .*got 0"),
+    (lambda: plateau_lr(0.1, patience=2.5), r"patience .*got 2\.5"),
+    (lambda: plateau_lr(0.1, cooldown=-1), r"cooldown .*got -1"),
+    (lambda: plateau_lr(0.1, early_stopping_patience=0), r"early_stopping_patience .*got 0"),
     (lambda: plateau_lr(1e-3, min_lr=1e-2), r"min_lr=0\.01 must not exceed base_lr=0\.001"),
-    (lambda: plateau_lr(0.0), r"base_lr=0\.0"),
+    (lambda: plateau_lr(0.0), r"base_lr .*got 0\.0"),
     (lambda: plateau_lr(0.1, rtol=-0.1), r"rtol = -0\.1"),
 ])
 def test_bad_settings_raise_naming_the_value(make, match):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from metaopt.hparams import Param, Predictor, RunStore, Space
-from metaopt.hparams.predictor import _Net, _forward_np, task_quantiles
+from metaopt.hparams.predictor import task_quantiles
 
 SPACE = Space([Param("learning_rate", "float", 1e-5, 1e-1, log=True),
                Param("batch_size", "categorical", choices=(16, 32, 64, 128))])
@@ -83,13 +83,6 @@ def test_predicted_ranking_and_determinism(predictor):
   p = predictor.predict(f, [good, bad])
   assert p["predicted"][0] > p["predicted"][1] + 0.3
   assert predictor.suggest(f, k=2, seed=3) == predictor.suggest(f, k=2, seed=3)
-
-
-def test_numpy_forward_matches_flax(predictor):
-  net = _Net(predictor.hidden)
-  x = np.random.default_rng(0).normal(size=(7, 4)).astype(np.float32)
-  ref = jax.vmap(lambda p: net.apply({"params": p}, x))(predictor.params)
-  np.testing.assert_allclose(_forward_np(predictor.params, x), ref, rtol=2e-5, atol=2e-6)
 
 
 def test_save_load_round_trip(predictor, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 
 import metaopt.train
 from metaopt import cli
-from metaopt.hparams import FEATURE_NAMES, RunStore
+from metaopt.hparams import TASK_FEATURE_NAMES, RunStore, record_runs
 from metaopt.hparams import sweep as S
 from metaopt.hparams.space import Param, Space
 from metaopt.schedules.baselines import adam_with_schedule
@@ -61,12 +61,12 @@ def test_sweep_writes_rows_and_resumes_after_interruption_without_repeats(tmp_pa
         S.run_key(dataset, "mlp", i, epochs=2, seed=5, space=SPACE) for i in range(3)]
     assert [r.hparams for r in rows] == configs
     for r in rows:
-      assert r.status == "completed" and tuple(r.task_features) == FEATURE_NAMES
+      assert r.status == "completed" and tuple(r.task_features) == TASK_FEATURE_NAMES
       assert r.task_features["epochs"] == 2.0 and r.task_features["model_mlp"] == 1.0
       assert r.model["family"] == "mlp" and r.model["depth"] == 2 and r.model["n_params"] > 0
       assert len(r.curves["val_accuracy"]) == 3  # before training and after each epoch
       assert 0.0 <= r.metrics["val_accuracy"] <= 1.0 and np.isfinite(r.metrics["val_loss"])
-      assert r.extra["micro_batch"] == 16 and r.wall_time > 0
+      assert r.extra["micro_batch"] == 16
   # Trials differ, and the learning rates came from the seeded draw.
   assert len({r.hparams["learning_rate"] for r in runs}) == 6
   # Some run learned something within two epochs.
@@ -123,12 +123,14 @@ def test_cli_sweep_on_a_tiny_config(tmp_path, capsys, monkeypatch):
     assert err.startswith("metaopt: error: ") and err.count("\n") == 1 and needle in err, err
 
 
-def test_train_grid_records_every_run_with_one_argument(tmp_path):
+def test_record_runs_writes_every_run_of_a_grid(tmp_path):
   task = make_task(TaskConfig("iris", "mlp", 8, 1, 16, 20, 0))
   lrs = jnp.array([1e-2, 3e-2])
   keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(2))
   res, wall = train_grid(task, adam_with_schedule("constant", 20), lrs, keys, steps=20,
-                         eval_every=10, store=tmp_path / "g.db", run_info={"schedule": "constant"})
+                         eval_every=10)
+  record_runs(tmp_path / "g.db", task, lrs, res, wall, run_info={"schedule": "constant"},
+              keys=keys)
   with RunStore(tmp_path / "g.db") as store:
     runs = store.runs()
   assert [r.hparams for r in runs] == [

@@ -1,7 +1,7 @@
 """Meta-features of a task: named numbers describing its data, model and budget.
 
 The predictor compares tasks through these numbers. ``task_features`` returns
-the names in ``FEATURE_NAMES`` (plus ``log10_params``, ``depth`` and
+the names in ``TASK_FEATURE_NAMES`` (plus ``log10_params``, ``depth`` and
 ``log10_steps`` when those are given). Sweeps leave those three out because
 depth (``layers``) and steps (through ``batch_size``) are hyperparameters there;
 each run's actual size is in its ``model`` record. Any dict of named numbers may
@@ -16,10 +16,12 @@ import warnings
 from typing import Optional
 
 import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
 
 from metaopt.tasks.data import Dataset
-
-MODEL_FAMILIES: tuple[str, ...] = ("mlp", "cnn", "rnn", "transformer")
+from metaopt.tasks.models import MODEL_KINDS
+from metaopt.validation import check_choice
 
 DATA_FEATURE_NAMES: tuple[str, ...] = (
     "n_train", "log10_n_train", "n_features", "log10_n_features", "n_classes",
@@ -27,10 +29,10 @@ DATA_FEATURE_NAMES: tuple[str, ...] = (
     "mean_abs", "std", "mean_abs_skew", "mean_kurtosis", "frac_at_min", "pca95_fraction",
     "majority_accuracy", "linear_probe_accuracy",
 )
-MODEL_FEATURE_NAMES: tuple[str, ...] = tuple(f"model_{f}" for f in MODEL_FAMILIES)
+MODEL_FEATURE_NAMES: tuple[str, ...] = tuple(f"model_{f}" for f in MODEL_KINDS)
 BUDGET_FEATURE_NAMES: tuple[str, ...] = ("epochs", "log10_epochs")
 # What task_features always returns (and what sweeps record).
-FEATURE_NAMES: tuple[str, ...] = DATA_FEATURE_NAMES + MODEL_FEATURE_NAMES + BUDGET_FEATURE_NAMES
+TASK_FEATURE_NAMES: tuple[str, ...] = DATA_FEATURE_NAMES + MODEL_FEATURE_NAMES + BUDGET_FEATURE_NAMES
 
 PROBE_SUBSAMPLE = 2000  # training examples the linear probe sees
 STATS_SUBSAMPLE = 2000  # examples the input statistics are computed on
@@ -101,9 +103,6 @@ def _compute(data: Dataset, seed: int) -> dict[str, float]:
 
 def _linear_probe(data: Dataset, rng: np.random.Generator) -> float:
   """Validation accuracy of a logistic regression on a subsample of the training split."""
-  from sklearn.exceptions import ConvergenceWarning
-  from sklearn.linear_model import LogisticRegression
-
   idx = rng.permutation(len(data.y_train))[:PROBE_SUBSAMPLE]
   y = np.asarray(data.y_train)[idx]
   if len(np.unique(y)) < 2:
@@ -118,9 +117,8 @@ def _linear_probe(data: Dataset, rng: np.random.Generator) -> float:
 def model_features(family: str, n_params: Optional[int] = None,
                    depth: Optional[int] = None) -> dict[str, float]:
   """One-hot model family, plus ``log10_params`` and ``depth`` when given."""
-  if family not in MODEL_FAMILIES:
-    raise ValueError(f"unknown model family {family!r}; accepted: {', '.join(MODEL_FAMILIES)}")
-  out = {f"model_{f}": float(f == family) for f in MODEL_FAMILIES}
+  check_choice("model family", family, MODEL_KINDS)
+  out = {f"model_{f}": float(f == family) for f in MODEL_KINDS}
   if n_params is not None:
     if not n_params >= 1:
       raise ValueError(f"n_params must be >= 1, got {n_params!r}")
@@ -147,7 +145,7 @@ def budget_features(epochs: float, steps: Optional[int] = None) -> dict[str, flo
 def task_features(data: Dataset, *, model_family: str, epochs: float,
                   n_params: Optional[int] = None, depth: Optional[int] = None,
                   steps: Optional[int] = None, seed: int = 0) -> dict[str, float]:
-  """Data, model and budget meta-features of one task, keyed as in ``FEATURE_NAMES``
+  """Data, model and budget meta-features of one task, keyed as in ``TASK_FEATURE_NAMES``
   (plus ``log10_params``, ``depth``, ``log10_steps`` for the optional arguments)."""
   return {**dataset_features(data, seed=seed), **model_features(model_family, n_params, depth),
           **budget_features(epochs, steps)}

@@ -29,7 +29,7 @@ import json
 import math
 import pathlib
 import time
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
 import flax.serialization
@@ -37,13 +37,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from scipy.stats import rankdata
 
 from metaopt.hparams.space import Space
+from metaopt.hparams.store import MODES
 from metaopt.unroll import unroll
+from metaopt.validation import check_choice, check_int, is_number
 
 FORMAT_VERSION = 1
 FEATURE_CLIP = 3.0   # standardized meta-features are clipped to [-3, 3]
-MODES = ("max", "min")
 _JSON_NAME = "predictor.json"
 _WEIGHTS_NAME = "predictor.msgpack"
 
@@ -70,8 +72,9 @@ class FeatureSpec(NamedTuple):
   std: np.ndarray
 
 
-def _is_number(x) -> bool:
-  return isinstance(x, (int, float, np.integer, np.floating, bool, np.bool_))
+def _numeric_feature(x) -> bool:
+  """Numbers and bools (a bool feature is a 0/1 column)."""
+  return is_number(x) or isinstance(x, (bool, np.bool_))
 
 
 def _feature_columns(task_features: Mapping[str, Mapping[str, Any]],
@@ -87,7 +90,7 @@ def _feature_columns(task_features: Mapping[str, Mapping[str, Any]],
   columns, sources, levels, logs, values = [], [], [], [], []
   for n in names:
     vals = [f[n] for f in task_features.values()]
-    if all(_is_number(v) for v in vals):
+    if all(_numeric_feature(v) for v in vals):
       v = np.asarray(vals, np.float64)
       if not np.all(np.isfinite(v)):
         bad = [t for t, f in task_features.items() if not math.isfinite(float(f[n]))]
@@ -98,7 +101,7 @@ def _feature_columns(task_features: Mapping[str, Mapping[str, Any]],
       levels.append(None)
       logs.append(log)
       values.append(np.log10(v) if log else v)
-    elif all(isinstance(v, str) or _is_number(v) for v in vals):
+    elif all(isinstance(v, str) or _numeric_feature(v) for v in vals):
       for level in sorted({str(v) for v in vals}):
         columns.append(f"{n}={level}")
         sources.append(n)
@@ -107,7 +110,7 @@ def _feature_columns(task_features: Mapping[str, Mapping[str, Any]],
         values.append(np.asarray([float(str(v) == level) for v in vals]))
     else:
       raise ValueError(f"meta-feature {n!r} must be a number or a string, got "
-                       f"{next(v for v in vals if not _is_number(v))!r}")
+                       f"{next(v for v in vals if not _numeric_feature(v))!r}")
   x = np.stack(values, axis=1) if values else np.zeros((len(task_features), 0))
   mean, std = x.mean(axis=0), x.std(axis=0)
   std = np.where(std > 1e-8, std, 1.0)
@@ -129,7 +132,7 @@ def _feature_vector(spec: FeatureSpec, features: Mapping[str, Any], task: str = 
       out[i] = float(str(features[name]) == level)
       continue
     v = features[name]
-    if not _is_number(v) or not math.isfinite(float(v)):
+    if not _numeric_feature(v) or not math.isfinite(float(v)):
       raise ValueError(f"meta-feature {col!r} of {task} must be a finite number, got {v!r}")
     v = float(v)
     if log:
@@ -150,35 +153,8 @@ def _get(run, name):
 def task_quantiles(scores: np.ndarray, ok: np.ndarray) -> np.ndarray:
   """Within-task quantiles ``(rank - 0.5) / n`` of ``scores`` (higher is better);
   entries with ``ok`` False rank below all others (ties share their average rank)."""
-  from scipy.stats import rankdata
   s = np.where(ok, scores, -np.inf)
   return (rankdata(s, method="average") - 0.5) / len(s)
-
-
-def _snap_fn(space: Space, xp=np):
-  """``snap(u) -> u``: encoded points moved onto the space's grid (ints, categories);
-  ``xp`` is numpy or jax.numpy."""
-  jnp = xp
-
-  def snap(u):
-    u = jnp.clip(u, 0.0, 1.0)
-    cols = []
-    for i, p in enumerate(space.params):
-      x = u[..., i]
-      if p.kind == "categorical":
-        n = len(p.choices)
-        j = jnp.clip(jnp.floor(x * n), 0, n - 1)
-        x = j / (n - 1) if n > 1 else jnp.full_like(x, 0.5)
-      elif p.kind == "int" and not p.log:
-        v = jnp.clip(jnp.floor(p.low + x * (p.high - p.low + 1)), p.low, p.high)
-        x = (v - p.low) / (p.high - p.low)
-      elif p.kind == "int":
-        lo, hi = math.log(p.low), math.log(p.high)
-        v = jnp.clip(jnp.round(jnp.exp(lo + x * (hi - lo))), p.low, p.high)
-        x = (jnp.log(v) - lo) / (hi - lo)
-      cols.append(x)
-    return jnp.stack(cols, axis=-1)
-  return snap
 
 
 class Predictor:
@@ -217,11 +193,9 @@ class Predictor:
     store holds instead of memorizing each one.
     """
     start = time.perf_counter()
-    if mode not in MODES:
-      raise ValueError(f"unknown mode {mode!r}; accepted: {', '.join(MODES)}")
+    check_choice("mode", mode, MODES)
     for label, v in (("ensemble", ensemble), ("steps", steps), ("batch_size", batch_size)):
-      if not isinstance(v, int) or v < 1:
-        raise ValueError(f"{label} must be an integer >= 1, got {v!r}")
+      check_int(label, v)
     runs = list(store.runs()) if hasattr(store, "runs") else list(store)
     if not runs:
       raise ValueError("the store has no runs to fit the predictor on")
@@ -324,22 +298,19 @@ class Predictor:
 
     Scores ``candidates`` random points of the space plus the best stored
     configurations, then refines each of the best 64 by ``refine`` rounds of
-    local search (shrinking Gaussian moves). This runs in numpy: a forward pass
-    over a few thousand points takes milliseconds, an XLA compile would take seconds. Returned
+    local search (shrinking Gaussian moves). Returned
     configurations are ranked by ``predicted - risk * uncertainty`` (a lower
     confidence bound: where the ensemble disagrees, the prediction is an
     extrapolation), distinct and, best first, at
     least ``min_distance`` apart in the encoded space (Euclidean) when the space
     allows, best first, each ``{"hparams", "predicted", "uncertainty"}``.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-      raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    if not isinstance(candidates, int) or candidates < 1:
-      raise ValueError(f"candidates must be an integer >= 1, got {candidates!r}")
+    check_int("k", k)
+    check_int("candidates", candidates)
     f = self.feature_vector(task_features)
-    u, mean, std = _suggest_np(self.params, self.space, f, self.anchors,
-                               np.random.default_rng(seed), candidates=candidates,
-                               refine=refine, top=max(64, 4 * k), risk=float(risk))
+    u, mean, std = _search(self._net, self.params, self.space, f, self.anchors,
+                           np.random.default_rng(seed), candidates=candidates,
+                           refine=refine, top=max(64, 4 * k), risk=float(risk))
     u, mean, std = np.asarray(u, np.float64), np.asarray(mean), np.asarray(std)
     order = np.argsort(-(mean - risk * std), kind="stable")[:max(512, 8 * k)]
     chosen, configs = [], []
@@ -460,34 +431,26 @@ def _score(net, params, f, u):
   return preds.mean(axis=0), preds.std(axis=0)
 
 
-def _forward_np(params, x: np.ndarray) -> np.ndarray:
-  """[members, n] predictions in numpy: the same function as ``_Net.apply`` for
-  every member (checked by the tests), without an XLA compile, so a cold
-  ``suggest`` takes milliseconds."""
-  layers = sorted(params, key=lambda k: int(k.split("_")[-1]))
-  h = np.broadcast_to(x, (jax.tree.leaves(params)[0].shape[0],) + x.shape)
-  for n, name in enumerate(layers):
-    p = params[name]
-    h = np.einsum("eni,eio->eno", h, np.asarray(p["kernel"])) + np.asarray(p["bias"])[:, None, :]
-    if n < len(layers) - 1:
-      h = h / (1.0 + np.exp(-h))     # swish
-  return 1.0 / (1.0 + np.exp(-h[..., 0]))
+def _score_padded(net, params, f: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """:func:`_score` of many points, padded to a power of two rows so that a few
+  compiled programs serve every call."""
+  n = u.shape[0]
+  rows = max(64, 1 << (n - 1).bit_length())
+  padded = np.zeros((rows, u.shape[1]), np.float32)
+  padded[:n] = u
+  mean, std = _score(net, params, jnp.asarray(f), jnp.asarray(padded))
+  return np.asarray(mean)[:n], np.asarray(std)[:n]
 
 
-def _suggest_np(params, space: Space, f: np.ndarray, anchors: np.ndarray, rng, *,
-                candidates: int, refine: int, top: int, risk: float):
+def _search(net, params, space: Space, f: np.ndarray, anchors: np.ndarray, rng, *,
+            candidates: int, refine: int, top: int, risk: float):
   """Every scored point as (u, mean, std): the ``top`` refined ones first, then the
   random candidates and anchors."""
-  snap = _snap_fn(space, np)
   d = space.dim
   per_point = 8
+  score = lambda u: _score_padded(net, params, f, u)
 
-  def score(u):
-    x = np.concatenate([np.broadcast_to(f, (u.shape[0], f.shape[0])), 2 * u - 1], axis=1)
-    preds = _forward_np(params, x.astype(np.float32))
-    return preds.mean(axis=0), preds.std(axis=0)
-
-  u0 = snap(np.concatenate([rng.random((candidates, d)), anchors]))
+  u0 = space.snap(np.concatenate([rng.random((candidates, d)), anchors]))
   mean0, std0 = score(u0)
   m = min(top, u0.shape[0])
   i = np.argsort(-(mean0 - risk * std0), kind="stable")[:m]
@@ -496,7 +459,7 @@ def _suggest_np(params, space: Space, f: np.ndarray, anchors: np.ndarray, rng, *
   # each round tries per_point Gaussian moves and keeps the best, sigma halving.
   rows = np.arange(m)
   for r in range(refine):
-    v = snap(u[:, None, :] + (0.1 / 2.0 ** r) * rng.standard_normal((m, per_point, d)))
+    v = space.snap(u[:, None, :] + (0.1 / 2.0 ** r) * rng.standard_normal((m, per_point, d)))
     vm, vs = score(v.reshape(-1, d))
     vm, vs = vm.reshape(m, per_point), vs.reshape(m, per_point)
     j = np.argmax(vm - risk * vs, axis=1)

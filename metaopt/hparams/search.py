@@ -19,10 +19,11 @@ import time
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
+import optuna
 
 from metaopt.hparams.space import Space
-
-MODES = ("max", "min")
+from metaopt.hparams.store import MODES
+from metaopt.validation import check_choice, check_int
 
 
 class Outcome(NamedTuple):
@@ -43,7 +44,7 @@ class Trial(NamedTuple):
 Objective = Callable[[Sequence[Mapping[str, Any]]], Sequence[Outcome]]
 
 
-def _key(hparams: Mapping[str, Any]) -> str:
+def json_key(hparams: Mapping[str, Any]) -> str:
   return json.dumps(hparams, sort_keys=True)
 
 
@@ -61,7 +62,7 @@ class CachedObjective:
   def __call__(self, configs: Sequence[Mapping[str, Any]]) -> list[Outcome]:
     todo, keys = [], []
     for h in configs:
-      k = _key(h)
+      k = json_key(h)
       if k not in self.seen and k not in keys:
         todo.append(dict(h))
         keys.append(k)
@@ -71,7 +72,7 @@ class CachedObjective:
         raise ValueError(f"objective returned {len(outcomes)} outcomes for {len(todo)} configs")
       self.calls += len(todo)
       self.seen.update(zip(keys, outcomes))
-    return [self.seen[_key(h)] for h in configs]
+    return [self.seen[json_key(h)] for h in configs]
 
 
 def score(outcome: Outcome, mode: str) -> float:
@@ -90,10 +91,8 @@ def best_so_far(trials: Sequence[Trial], mode: str) -> np.ndarray:
 def _check(space: Space, budget: int, mode: str) -> None:
   if not isinstance(space, Space):
     raise ValueError(f"space must be a metaopt.hparams.Space, got {type(space).__name__}")
-  if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-    raise ValueError(f"budget must be an integer >= 1, got {budget!r}")
-  if mode not in MODES:
-    raise ValueError(f"unknown mode {mode!r}; accepted: {', '.join(MODES)}")
+  check_int("budget", budget)
+  check_choice("mode", mode, MODES)
 
 
 def random_search(objective: Objective, space: Space, budget: int, *, seed: int = 0,
@@ -108,7 +107,6 @@ def random_search(objective: Objective, space: Space, budget: int, *, seed: int 
 
 def optuna_distributions(space: Space) -> dict:
   """The space as Optuna distributions (float/int with log, categorical)."""
-  import optuna
   out = {}
   for p in space.params:
     if p.kind == "float":
@@ -131,8 +129,6 @@ def tpe_search(objective: Objective, space: Space, budget: int, *, seed: int = 0
   ``n_startup_trials``: random trials (Optuna's default 10) before TPE models
   the results; enqueued trials count among them.
   """
-  import optuna
-
   _check(space, budget, mode)
   optuna.logging.set_verbosity(optuna.logging.WARNING)
   sampler = optuna.samplers.TPESampler(seed=seed, multivariate=False, constant_liar=False,
@@ -173,104 +169,3 @@ def timed(objective: Objective) -> Objective:
     share = (time.perf_counter() - start) / max(len(configs), 1)
     return [o if o.wall_time else o._replace(wall_time=share) for o in outcomes]
   return run
-
-
-class TrainingObjective:
-  """Trains configurations of one (dataset, model family) task for real, exactly as
-  :func:`metaopt.hparams.sweep.sweep` trains its runs, and returns their :class:`Outcome`.
-
-  Same protocol as the sweep, so fresh trials and stored runs are comparable:
-  AdamW (``learning_rate``, ``beta1``, ``weight_decay`` with the sweep's
-  defaults when the configuration lacks them), the traced ``dropout`` rate,
-  ``batch_size`` by gradient accumulation over micro-batches of ``micro_batch``
-  examples (the gcd of the space's batch sizes), ``layers`` and the sweep's
-  width for the family, ``epochs`` passes evaluated after each, data split by
-  ``seed``. ``metric`` is read after the last epoch. Everything but ``layers``
-  and ``width`` is traced, so all configurations with the same depth reuse one
-  compiled program (cached here across calls). Each configuration's run key is
-  derived from its values, so a configuration always gives the same outcome.
-  """
-
-  METRICS = ("val_accuracy", "val_loss", "test_accuracy", "test_loss", "best_val_accuracy")
-
-  def __init__(self, dataset: str, model: str = "mlp", *, epochs: int = 5, seed: int = 0,
-               metric: str = "val_accuracy", micro_batch: int = 16):
-    from metaopt.hparams.sweep import tasks_of
-    valid, invalid = tasks_of([dataset], [model])
-    if invalid:
-      raise ValueError(f"cannot train {model!r} on {dataset!r}: {invalid[0][2]}")
-    if metric not in self.METRICS:
-      raise ValueError(f"unknown metric {metric!r}; accepted: {', '.join(self.METRICS)}")
-    for label, v in (("epochs", epochs), ("micro_batch", micro_batch)):
-      if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{label} must be an integer >= 1, got {v!r}")
-    self.dataset, self.model, self.epochs, self.seed = dataset, model, epochs, seed
-    self.metric, self.micro_batch = metric, micro_batch
-    self._programs: dict[tuple[int, int], tuple] = {}
-    self.compile_time = 0.0
-
-  def _program(self, layers: int, width: int):
-    key = (layers, width)
-    if key not in self._programs:
-      import jax
-
-      from metaopt.hparams.sweep import make_sweep_tx
-      from metaopt.tasks import TaskConfig, make_task
-      from metaopt.train import make_train_fn, steps_per_epoch
-
-      start = time.perf_counter()
-      task = make_task(TaskConfig(self.dataset, self.model, width, layers, self.micro_batch, 1,
-                                  self.seed))
-      per_epoch = steps_per_epoch(task)
-      run = make_train_fn(task, make_sweep_tx, steps=self.epochs * per_epoch, eval_every=per_epoch,
-                          dropout=lambda h: h["dropout"])
-      arrays = task.arrays()
-      compiled = jax.jit(run).lower(self._traced(dict(self._defaults(), batch_size=16)),
-                                    jax.random.PRNGKey(0), arrays).compile()
-      self._programs[key] = (compiled, arrays)
-      self.compile_time += time.perf_counter() - start
-    return self._programs[key]
-
-  def _defaults(self) -> dict:
-    from metaopt.hparams.sweep import resolve_hparams
-    return resolve_hparams({}, self.model)
-
-  def _traced(self, h: dict) -> dict:
-    import jax.numpy as jnp
-    return {"learning_rate": jnp.float32(h["learning_rate"]), "beta1": jnp.float32(h["beta1"]),
-            "weight_decay": jnp.float32(h["weight_decay"]),
-            "dropout": jnp.float32(h["dropout"] or 0.0),
-            "accumulate": jnp.int32(h["batch_size"] // self.micro_batch)}
-
-  def __call__(self, configs: Sequence[Mapping[str, Any]]) -> list[Outcome]:
-    import zlib
-
-    import jax
-
-    from metaopt.hparams.sweep import KNOWN_HPARAMS, resolve_hparams
-    from metaopt.train import run_status
-
-    out = []
-    for config in configs:
-      unknown = sorted(set(config) - set(KNOWN_HPARAMS))
-      if unknown:
-        raise ValueError(f"cannot train hyperparameter(s) {', '.join(map(repr, unknown))}; "
-                         f"known: {', '.join(KNOWN_HPARAMS)}")
-      h = resolve_hparams(dict(config), self.model)
-      if h["batch_size"] % self.micro_batch:
-        raise ValueError(f"batch_size {h['batch_size']} is not a multiple of the micro-batch "
-                         f"{self.micro_batch}")
-      compiled, arrays = self._program(h["layers"], h["width"])
-      key = jax.random.fold_in(jax.random.PRNGKey(self.seed),
-                               zlib.crc32(_key(config).encode()) & 0x7FFFFFFF)
-      start = time.perf_counter()
-      result = jax.block_until_ready(compiled(self._traced(h), key, arrays))
-      wall = time.perf_counter() - start
-      curves = {k: np.asarray(getattr(result, k)) for k in
-                ("val_loss", "val_accuracy", "test_loss", "test_accuracy")}
-      metrics = {k: float(v[-1]) for k, v in curves.items()}
-      metrics["best_val_accuracy"] = float(np.nanmax(curves["val_accuracy"]))
-      ok = run_status(result)[0] == "completed"
-      out.append(Outcome(metrics[self.metric] if ok else math.nan,
-                         "completed" if ok else "diverged", wall, metrics))
-    return out

@@ -20,6 +20,8 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from metaopt.validation import is_number as _is_number
+
 KINDS: tuple[str, ...] = ("float", "int", "categorical")
 
 
@@ -35,10 +37,6 @@ class Param(NamedTuple):
   high: float | None = None
   log: bool = False
   choices: tuple | None = None
-
-
-def _is_number(x: Any) -> bool:
-  return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
 
 
 def _python_scalar(x: Any) -> Any:
@@ -203,25 +201,20 @@ class Space:
     return np.clip(out, 0.0, 1.0)
 
   def decode(self, vec: Sequence[float]) -> dict:
-    """The configuration at a point of [0, 1]^d (clipped into it). Categories and
-    linear ints split [0, 1] into equal bins (so uniform points sample them
-    uniformly); log-scaled ints are rounded. ``decode(encode(h)) == h``."""
+    """The configuration at a point of [0, 1]^d (clipped into it): the point is
+    snapped onto the grid first (:meth:`snap`), so categories and linear ints split
+    [0, 1] into equal bins (uniform points sample them uniformly) and log-scaled
+    ints are rounded. ``decode(encode(h)) == h``."""
     vec = np.asarray(vec, np.float64)
     if vec.shape != (self.dim,):
       raise ValueError(f"encoded vector must have shape ({self.dim},), got {vec.shape}")
     if not np.all(np.isfinite(vec)):
       raise ValueError(f"encoded vector has non-finite entries: {vec.tolist()}")
     out = {}
-    for u, p in zip(np.clip(vec, 0.0, 1.0), self.params):
-      u = float(u)
+    for u, p in zip(self.snap(vec).tolist(), self.params):
       if p.kind == "categorical":
-        # Equal-width bins, so a uniform u picks every choice equally often;
-        # encode() puts choice j at j / (n - 1), inside bin j.
         n = len(p.choices)
-        out[p.name] = p.choices[min(int(math.floor(u * n)), n - 1)]
-        continue
-      if p.kind == "int" and not p.log:
-        out[p.name] = min(int(math.floor(p.low + u * (p.high - p.low + 1))), p.high)
+        out[p.name] = p.choices[int(round(u * (n - 1))) if n > 1 else 0]
         continue
       if p.log:
         v = math.exp(math.log(p.low) + u * (math.log(p.high) - math.log(p.low)))
@@ -230,6 +223,28 @@ class Space:
       v = min(max(v, p.low), p.high)
       out[p.name] = int(round(v)) if p.kind == "int" else float(v)
     return out
+
+  def snap(self, u: np.ndarray) -> np.ndarray:
+    """Encoded points ``u`` [..., dim] moved onto the space's grid, all at once:
+    categories to their choice's position, ints to the position of the integer
+    their bin (or, log-scaled, their rounded value) holds; floats only clipped."""
+    u = np.clip(np.asarray(u, np.float64), 0.0, 1.0)
+    cols = []
+    for i, p in enumerate(self.params):
+      x = u[..., i]
+      if p.kind == "categorical":
+        n = len(p.choices)
+        j = np.clip(np.floor(x * n), 0, n - 1)
+        x = j / (n - 1) if n > 1 else np.full_like(x, 0.5)
+      elif p.kind == "int" and not p.log:
+        v = np.clip(np.floor(p.low + x * (p.high - p.low + 1)), p.low, p.high)
+        x = (v - p.low) / (p.high - p.low)
+      elif p.kind == "int":
+        lo, hi = math.log(p.low), math.log(p.high)
+        v = np.clip(np.round(np.exp(lo + x * (hi - lo))), p.low, p.high)
+        x = (np.log(v) - lo) / (hi - lo)
+      cols.append(x)
+    return np.stack(cols, axis=-1)
 
   # -- JSON -----------------------------------------------------------------------
   def to_json(self) -> list[dict]:

@@ -30,9 +30,12 @@ from typing import Any, Iterable, Iterator, NamedTuple, Optional, Union
 
 import numpy as np
 
+from metaopt.validation import is_number as _is_number
+
 SCHEMA_VERSION = 1
 FORMAT = "metaopt-runstore"
 STATUSES: tuple[str, ...] = ("completed", "diverged", "failed")
+MODES: tuple[str, ...] = ("max", "min")  # which values of a metric are better
 BUSY_TIMEOUT_MS = 60_000
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
@@ -97,9 +100,7 @@ def software_versions() -> dict[str, str]:
     try:
       out[pkg] = importlib.metadata.version(pkg)
     except importlib.metadata.PackageNotFoundError:
-      if pkg == "metaopt":
-        import metaopt
-        out[pkg] = getattr(metaopt, "__version__", "unknown")
+      out[pkg] = "unknown"
   return out
 
 
@@ -116,10 +117,6 @@ def _scalar(x: Any) -> Any:
   if hasattr(x, "shape") and getattr(x, "shape", None) == () and hasattr(x, "item"):
     return x.item()
   return x
-
-
-def _is_number(x: Any) -> bool:
-  return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def _check_name(where: str, name: Any) -> None:

@@ -35,14 +35,24 @@ import os
 import queue
 import time
 import zlib
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from tqdm.auto import tqdm
 
-from metaopt.hparams.features import MODEL_FAMILIES, task_features
+from metaopt import train
+from metaopt.hparams.features import task_features
+from metaopt.hparams.records import model_record, result_rows
+from metaopt.hparams.search import Outcome, json_key
 from metaopt.hparams.space import DEFAULT_SPACE, Space
 from metaopt.hparams.store import RunStore
+from metaopt.tasks import TaskConfig, make_task
 from metaopt.tasks.data import DATASETS, IMAGE_SHAPES, num_train_examples
+from metaopt.tasks.models import MODEL_KINDS
+from metaopt.validation import check_choice, check_int
 
 # Hyperparameters a sweep knows how to apply, with the value used when the space lacks one.
 KNOWN_HPARAMS: dict[str, Any] = {
@@ -136,11 +146,9 @@ def resolve_hparams(config: dict, model: str) -> dict:
 def tasks_of(datasets: Sequence[str], models: Sequence[str]) -> tuple[list, list]:
   """Valid (dataset, model) pairs, and (dataset, model, reason) for the invalid ones."""
   for d in datasets:
-    if d not in DATASETS:
-      raise ValueError(f"unknown dataset {d!r}; accepted: {', '.join(DATASETS)}")
+    check_choice("dataset", d, DATASETS)
   for m in models:
-    if m not in MODEL_FAMILIES:
-      raise ValueError(f"unknown model {m!r}; accepted: {', '.join(MODEL_FAMILIES)}")
+    check_choice("model", m, MODEL_KINDS)
   valid, invalid = [], []
   for d in datasets:
     for m in models:
@@ -152,9 +160,23 @@ def tasks_of(datasets: Sequence[str], models: Sequence[str]) -> tuple[list, list
 
 
 def make_sweep_tx(h):
-  import optax
+  """AdamW from the traced hyperparameters of :func:`traced_hparams`, one update per
+  ``accumulate`` micro-batches (``optax.MultiSteps``)."""
   inner = optax.adamw(h["learning_rate"], b1=h["beta1"], weight_decay=h["weight_decay"])
   return optax.MultiSteps(inner, every_k_schedule=lambda _: h["accumulate"])
+
+
+def traced_hparams(resolved: Sequence[dict], micro: int, *, dropout: bool = True) -> dict:
+  """The traced hyperparameters of runs (rows of :func:`resolve_hparams`), stacked:
+  AdamW's arguments, the gradient-accumulation count for micro-batches of ``micro``
+  examples, and (with ``dropout``) the dropout rate."""
+  column = lambda name: jnp.asarray([h[name] for h in resolved], jnp.float32)
+  out = {"learning_rate": column("learning_rate"), "beta1": column("beta1"),
+         "weight_decay": column("weight_decay"),
+         "accumulate": jnp.asarray([h["batch_size"] // micro for h in resolved], jnp.int32)}
+  if dropout:
+    out["dropout"] = jnp.asarray([h["dropout"] or 0.0 for h in resolved], jnp.float32)
+  return out
 
 
 def micro_batch(space: Space, configs: Sequence[dict], n_train: int) -> int:
@@ -173,12 +195,6 @@ def run_group(store: RunStore, dataset: str, model: str, configs: dict[int, dict
               on_runs: Callable[[int], None] = lambda n: None) -> dict[str, int]:
   """Train the given trials of one task (grouped by static hyperparameters) into ``store``,
   sampling micro-batches of ``micro`` examples (see the module docstring)."""
-  import jax
-  import jax.numpy as jnp
-
-  from metaopt.tasks import TaskConfig, make_task
-  from metaopt.train import result_rows, steps_per_epoch, train_grid
-
   counts = {"added": 0, "diverged": 0, "failed": 0}
   resolved = {i: resolve_hparams(c, model) for i, c in configs.items()}
   groups: dict[tuple, list[int]] = {}
@@ -189,27 +205,17 @@ def run_group(store: RunStore, dataset: str, model: str, configs: dict[int, dict
     task = make_task(TaskConfig(dataset, model, width, layers, micro, 1, seed))
     if features is None:
       features = task_features(task.data, model_family=model, epochs=epochs, seed=seed)
-    per_epoch = steps_per_epoch(task)
+    per_epoch = train.steps_per_epoch(task)
     use_dropout = any(resolved[i]["dropout"] is not None for i in trials)
-    arr = lambda name, dtype: jnp.asarray([resolved[i][name] for i in trials], dtype)
-    hparams = {"learning_rate": arr("learning_rate", jnp.float32),
-               "beta1": arr("beta1", jnp.float32),
-               "weight_decay": arr("weight_decay", jnp.float32),
-               "accumulate": jnp.asarray([resolved[i]["batch_size"] // micro for i in trials],
-                                         jnp.int32)}
-    if use_dropout:
-      hparams["dropout"] = jnp.asarray([resolved[i]["dropout"] or 0.0 for i in trials],
-                                       jnp.float32)
+    hparams = traced_hparams([resolved[i] for i in trials], micro, dropout=use_dropout)
     run_keys = [keys[i] for i in trials]
     seeds = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(seed),
                                           zlib.crc32(k.encode()) & 0x7FFFFFFF)
                        for k in run_keys])
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
-        jax.eval_shape(task.init, jax.random.PRNGKey(0))))
-    model_info = {"family": model, "width": width, "depth": layers, "n_params": n_params}
+    model_info = model_record(task)
     extra = {"source": "sweep", "micro_batch": micro, "epochs": epochs}
     try:
-      result, wall = train_grid(
+      result, wall = train.train_grid(
           task, make_sweep_tx, hparams, seeds, steps=epochs * per_epoch, eval_every=per_epoch,
           vectorize=model in VMAPPED, dropout=(lambda h: h["dropout"]) if use_dropout else None)
       rows = result_rows(task, hparams, result, wall, task_features=features,
@@ -232,11 +238,88 @@ def run_group(store: RunStore, dataset: str, model: str, configs: dict[int, dict
 
 
 
+class TrainingObjective:
+  """Trains configurations of one (dataset, model family) task for real, exactly as
+  :func:`metaopt.hparams.sweep.sweep` trains its runs, and returns their :class:`Outcome`.
+
+  Same protocol as the sweep, so fresh trials and stored runs are comparable:
+  AdamW (``learning_rate``, ``beta1``, ``weight_decay`` with the sweep's
+  defaults when the configuration lacks them), the traced ``dropout`` rate,
+  ``batch_size`` by gradient accumulation over micro-batches of ``micro_batch``
+  examples (the gcd of the space's batch sizes), ``layers`` and the sweep's
+  width for the family, ``epochs`` passes evaluated after each, data split by
+  ``seed``. ``metric`` is read after the last epoch. Everything but ``layers``
+  and ``width`` is traced, so all configurations with the same depth reuse one
+  compiled program (cached here across calls). Each configuration's run key is
+  derived from its values, so a configuration always gives the same outcome.
+  """
+
+  METRICS = ("val_accuracy", "val_loss", "test_accuracy", "test_loss", "best_val_accuracy")
+
+  def __init__(self, dataset: str, model: str = "mlp", *, epochs: int = 5, seed: int = 0,
+               metric: str = "val_accuracy", micro_batch: int = 16):
+    valid, invalid = tasks_of([dataset], [model])
+    if invalid:
+      raise ValueError(f"cannot train {model!r} on {dataset!r}: {invalid[0][2]}")
+    check_choice("metric", metric, self.METRICS)
+    for label, v in (("epochs", epochs), ("micro_batch", micro_batch)):
+      check_int(label, v)
+    self.dataset, self.model, self.epochs, self.seed = dataset, model, epochs, seed
+    self.metric, self.micro_batch = metric, micro_batch
+    self._programs: dict[tuple[int, int], tuple] = {}
+    self.compile_time = 0.0
+
+  def _program(self, layers: int, width: int):
+    key = (layers, width)
+    if key not in self._programs:
+      start = time.perf_counter()
+      task = make_task(TaskConfig(self.dataset, self.model, width, layers, self.micro_batch, 1,
+                                  self.seed))
+      per_epoch = train.steps_per_epoch(task)
+      run = train.make_train_fn(task, make_sweep_tx, steps=self.epochs * per_epoch, eval_every=per_epoch,
+                          dropout=lambda h: h["dropout"])
+      arrays = task.arrays()
+      compiled = jax.jit(run).lower(self._traced(dict(self._defaults(), batch_size=16)),
+                                    jax.random.PRNGKey(0), arrays).compile()
+      self._programs[key] = (compiled, arrays)
+      self.compile_time += time.perf_counter() - start
+    return self._programs[key]
+
+  def _defaults(self) -> dict:
+    return resolve_hparams({}, self.model)
+
+  def _traced(self, h: dict) -> dict:
+    return jax.tree.map(lambda x: x[0], traced_hparams([h], self.micro_batch))
+
+  def __call__(self, configs: Sequence[Mapping[str, Any]]) -> list[Outcome]:
+    out = []
+    for config in configs:
+      unknown = sorted(set(config) - set(KNOWN_HPARAMS))
+      if unknown:
+        raise ValueError(f"cannot train hyperparameter(s) {', '.join(map(repr, unknown))}; "
+                         f"known: {', '.join(KNOWN_HPARAMS)}")
+      h = resolve_hparams(dict(config), self.model)
+      if h["batch_size"] % self.micro_batch:
+        raise ValueError(f"batch_size {h['batch_size']} is not a multiple of the micro-batch "
+                         f"{self.micro_batch}")
+      compiled, arrays = self._program(h["layers"], h["width"])
+      key = jax.random.fold_in(jax.random.PRNGKey(self.seed),
+                               zlib.crc32(json_key(config).encode()) & 0x7FFFFFFF)
+      start = time.perf_counter()
+      result = jax.block_until_ready(compiled(self._traced(h), key, arrays))
+      wall = time.perf_counter() - start
+      curves = {k: np.asarray(getattr(result, k)) for k in
+                ("val_loss", "val_accuracy", "test_loss", "test_accuracy")}
+      metrics = {k: float(v[-1]) for k, v in curves.items()}
+      metrics["best_val_accuracy"] = float(np.nanmax(curves["val_accuracy"]))
+      ok = train.run_status(result)[0] == "completed"
+      out.append(Outcome(metrics[self.metric] if ok else math.nan,
+                         "completed" if ok else "diverged", wall, metrics))
+    return out
+
+
 def _worker_init(cache_dir: Optional[str]) -> None:
-  if cache_dir:
-    import jax
-    jax.config.update("jax_compilation_cache_dir", cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  train.enable_compilation_cache(cache_dir or "")
 
 
 def _worker(path: str, dataset: str, model: str, configs: dict, keys: dict, micro: int,
@@ -259,14 +342,13 @@ def sweep(store: Union[RunStore, str, os.PathLike], *, datasets: Optional[Sequen
   """
   start = time.perf_counter()
   datasets = tuple(DATASETS if datasets is None else datasets)
-  models = tuple(MODEL_FAMILIES if models is None else models)
+  models = tuple(MODEL_KINDS if models is None else models)
   if not datasets or not models:
     raise ValueError(f"need at least one dataset and one model, got datasets={datasets!r}, "
                      f"models={models!r}")
   for label, v in (("trials_per_task", trials_per_task), ("epochs", epochs),
                    ("workers", workers)):
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-      raise ValueError(f"{label} must be an integer >= 1, got {v!r}")
+    check_int(label, v)
   if not isinstance(space, Space):
     raise ValueError(f"space must be a metaopt.hparams.Space, got {type(space).__name__}")
   check_space(space)
@@ -289,7 +371,6 @@ def sweep(store: Union[RunStore, str, os.PathLike], *, datasets: Optional[Sequen
         jobs.append((dataset, model, todo, {i: keys[i] for i in todo}, micro))
     total = sum(len(j[2]) for j in jobs)
     counts = {"added": 0, "diverged": 0, "failed": 0}
-    from tqdm.auto import tqdm
     with tqdm(total=total, desc="sweep runs", unit="run", disable=not progress) as bar:
       if workers == 1 or len(jobs) <= 1:
         for dataset, model, configs, keys, micro in jobs:
@@ -307,7 +388,6 @@ def sweep(store: Union[RunStore, str, os.PathLike], *, datasets: Optional[Sequen
 
 
 def _parallel(path, jobs, epochs, seed, workers, bar, counts) -> dict:
-  import jax
   ctx = multiprocessing.get_context("spawn")
   cache_dir = jax.config.jax_compilation_cache_dir
   with ctx.Manager() as manager:

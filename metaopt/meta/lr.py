@@ -14,23 +14,20 @@ and resumed from its orbax checkpoint ends with the same ``theta``.
 from __future__ import annotations
 
 import dataclasses
-import json
-import pathlib
-import time
 from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 from metaopt import estimators
-from metaopt.checkpoint import Checkpoints
-from metaopt.schedules.learned_lr import (LRController, current_lr, init_controller,
-                                          scale_by_learned_lr, with_theta)
-from metaopt.tasks import TaskConfig, TaskFamily, make_task
+from metaopt.schedules import (LRController, current_lr, init_controller,
+                               scale_by_learned_lr, with_theta)
+from metaopt.tasks import TaskFamily, make_task, task_family
+from metaopt.train import run_loop
 from metaopt.unroll import InnerProblem
+from metaopt.validation import check_int, check_positive
 
 PyTree = Any
 VAL_BATCH = 128
@@ -47,7 +44,7 @@ class MetaLRConfig:
   meta_lr: float = 3e-3
   clip_norm: float = 1.0         # global-norm clip of the meta-gradient
   base_lr: float = 1e-3
-  hidden: tuple = (32, 32)
+  hidden: tuple[int, ...] = (32, 32)
   min_lr_factor: float = 1e-2
   max_lr_factor: float = 10.0
   max_log_change: float = 0.25
@@ -58,11 +55,15 @@ class MetaLRConfig:
 
   def __post_init__(self):
     for name in ("lanes", "population", "segment_length", "meta_steps", "checkpoint_every"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+      check_int(name, getattr(self, name))
     for name in ("meta_lr", "clip_norm", "base_lr"):
-      if not getattr(self, name) > 0:
-        raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+      check_positive(name, getattr(self, name))
+    if not isinstance(self.family, TaskFamily):
+      raise ValueError(f"family must be a TaskFamily (metaopt.tasks.task_family), "
+                       f"got {self.family!r}")
+    task_family(*self.family)  # names, sizes, batches that fit
+    for width in self.hidden:
+      check_int("hidden", width)
     bad = [s for s in self.family.total_steps if s % self.segment_length]
     if bad:
       raise ValueError(f"training lengths {bad} are not multiples of "
@@ -146,25 +147,22 @@ class _LaneFns(NamedTuple):
   segment: Any
 
 
-class _Lane(NamedTuple):
-  round: int
-  t: int
-  config: TaskConfig
-  task: Any
-  states: PyTree
-
-
 class MetaTrainResult(NamedTuple):
   theta: PyTree
   controller: LRController
   history: list        # one dict of metrics per meta step
   skipped_members: int  # inner runs whose meta-gradient was non-finite, dropped
   skipped_steps: int    # meta steps with no finite meta-gradient at all
-  seconds: float
+  seconds: float       # meta-training wall time, resumed runs included
 
 
 class MetaTrainer:
-  """The meta-training loop; see :func:`meta_train`."""
+  """The meta-training loop on :func:`metaopt.train.run_loop`; see :func:`meta_train`.
+
+  The loop's array state is ``{"theta", "meta_opt_state", "lanes"}`` (the inner
+  states of every lane); its record says which task each lane is on: the
+  lane's restart ``round`` (which fixes the task) and its step ``t`` in that task.
+  """
 
   def __init__(self, config: MetaLRConfig):
     self.config = config
@@ -173,6 +171,7 @@ class MetaTrainer:
                                 optax.adam(config.meta_lr))
     self.root = jax.random.PRNGKey(config.seed)
     self._fns: dict = {}
+    self._tasks: dict = {}   # lane -> (round, task) of the task it is on
     self._apply = jax.jit(self._apply_update)
 
   # --- lanes -------------------------------------------------------------------
@@ -203,41 +202,88 @@ class MetaTrainer:
       self._fns[shape_key] = _LaneFns(jax.jit(init), jax.jit(segment))
     return self._fns[shape_key]
 
-  def _lane_config(self, lane: int, round_: int) -> TaskConfig:
-    key = jax.random.fold_in(jax.random.fold_in(self.root, 1000 + lane), round_)
-    return self.config.family.sample(key)
+  def _task(self, lane: int, round_: int):
+    """The task lane ``lane`` trains in its restart ``round_`` (drawn from the seed)."""
+    if self._tasks.get(lane, (None,))[0] != round_:
+      key = jax.random.fold_in(jax.random.fold_in(self.root, 1000 + lane), round_)
+      self._tasks[lane] = (round_, make_task(self.config.family.sample(key)))
+    return self._tasks[lane][1]
 
-  def _start_lane(self, theta, lane: int, round_: int, states=None) -> _Lane:
-    config = self._lane_config(lane, round_)
-    task = make_task(config)
-    if states is None:
-      keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(config.seed), i))(
-          jnp.arange(self.config.population))
-      states = self._fns_for(task).init(theta, keys, task.arrays(),
-                                        jnp.float32(config.total_steps))
-    return _Lane(round_, 0, config, task, states)
+  def _start_lane(self, theta, lane: int, round_: int) -> PyTree:
+    """Fresh inner states of the population on the lane's task of ``round_``."""
+    task = self._task(lane, round_)
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(task.config.seed), i))(
+        jnp.arange(self.config.population))
+    return self._fns_for(task).init(theta, keys, task.arrays(),
+                                    jnp.float32(task.config.total_steps))
 
-  # --- meta update ---------------------------------------------------------------
+  # --- the loop --------------------------------------------------------------------
 
   def _apply_update(self, theta, opt_state, grad):
     updates, opt_state = self.meta_opt.update(grad, opt_state, theta)
-    return optax.apply_updates(theta, updates), opt_state, optax.global_norm(grad)
+    return optax.apply_updates(theta, updates), opt_state, optax.tree.norm(grad)
 
-  def _fresh(self):
+  def initial(self) -> tuple[PyTree, dict]:
+    """The loop's state and record at meta step 0."""
     theta = init_controller(jax.random.fold_in(self.root, 0), self.controller)
     lanes = [self._start_lane(theta, i, 0) for i in range(self.config.lanes)]
-    return theta, self.meta_opt.init(theta), lanes
+    record = {"lanes": [{"round": 0, "t": 0} for _ in range(self.config.lanes)],
+              "skipped_members": 0, "skipped_steps": 0}
+    return {"theta": theta, "meta_opt_state": self.meta_opt.init(theta), "lanes": lanes}, record
 
-  def _target(self, progress: dict):
-    """Abstract checkpoint target for the lanes recorded in ``progress``."""
+  def target(self, record: dict) -> PyTree:
+    """Abstract loop state for the lanes recorded in ``record`` (restores checkpoints)."""
     theta = init_controller(jax.random.fold_in(self.root, 0), self.controller)
     states = []
-    for i, lane in enumerate(progress["lanes"]):
-      task = make_task(self._lane_config(i, lane["round"]))
+    for i, lane in enumerate(record["lanes"]):
+      task = self._task(i, lane["round"])
       keys = jnp.zeros((self.config.population, 2), jnp.uint32)
       states.append(jax.eval_shape(self._fns_for(task).init, theta, keys, task.arrays(),
                                    jnp.float32(1.0)))
     return {"theta": theta, "meta_opt_state": self.meta_opt.init(theta), "lanes": states}
+
+  def advance(self, state: PyTree, record: dict, start: int, n: int):
+    """``n`` meta steps: each lane runs one truncation; lanes that finish their task or
+    go non-finite restart on a new one. Returns the loop's ``(state, record, rows)``."""
+    cfg = self.config
+    theta, opt_state, lanes = state["theta"], state["meta_opt_state"], list(state["lanes"])
+    record = {**record, "lanes": [dict(l) for l in record["lanes"]]}
+    rows = []
+    for _ in range(n):
+      grads, weights, losses, lrs, names = [], [], [], [], []
+      for i, lane in enumerate(record["lanes"]):
+        task = self._task(i, lane["round"])
+        loss, grad, n_ok, states, lr, _ = self._fns_for(task).segment(
+            theta, lanes[i], task.arrays(), jnp.float32(task.config.total_steps),
+            jnp.int32(task.config.batch_size))
+        n_ok = int(n_ok)
+        record["skipped_members"] += cfg.population - n_ok
+        if n_ok:
+          grads.append(grad)
+          weights.append(n_ok)
+          losses.append(float(loss))
+          lrs.append(float(lr))
+        names.append(task.config.name)
+        t = lane["t"] + cfg.segment_length
+        if n_ok < cfg.population or t >= task.config.total_steps:
+          record["lanes"][i] = {"round": lane["round"] + 1, "t": 0}
+          lanes[i] = self._start_lane(theta, i, lane["round"] + 1)
+        else:
+          record["lanes"][i] = {"round": lane["round"], "t": t}
+          lanes[i] = states
+      if grads:
+        w = np.asarray(weights, np.float32) / sum(weights)
+        grad = jax.tree.map(lambda *g: sum(wi * gi for wi, gi in zip(w, g)), *grads)
+        theta, opt_state, gnorm = self._apply(theta, opt_state, grad)
+        gnorm = float(gnorm)
+      else:
+        record["skipped_steps"] += 1
+        gnorm = float("nan")
+      rows.append({"meta_loss": float(np.average(losses, weights=weights)) if losses else None,
+                   "meta_grad_norm": gnorm, "mean_lr": float(np.mean(lrs)) if lrs else None,
+                   "skipped_members": record["skipped_members"],
+                   "skipped_steps": record["skipped_steps"], "tasks": names})
+    return {"theta": theta, "meta_opt_state": opt_state, "lanes": lanes}, record, rows
 
   def run(self, out_dir: Optional[str] = None, *, progress: bool = True,
           stop_after: Optional[int] = None) -> MetaTrainResult:
@@ -246,88 +292,16 @@ class MetaTrainer:
     ``stop_after`` ends the loop early at that meta step, as a kill would
     (for tests of resume).
     """
-    cfg = self.config
-    start_time = time.perf_counter()
-    ckpt = metrics_file = None
-    restored = None
-    if out_dir is not None:
-      out = pathlib.Path(out_dir)
-      out.mkdir(parents=True, exist_ok=True)
-      ckpt = Checkpoints(out / "checkpoints", every=cfg.checkpoint_every)
-      restored = ckpt.restore(self._target)
-      metrics_file = out / "metrics.jsonl"
-
-    history: list = []
-    if restored is None:
-      theta, opt_state, lanes = self._fresh()
-      start, skipped_members, skipped_steps = 0, 0, 0
-    else:
-      start, state, prog = restored
-      theta, opt_state = state["theta"], state["meta_opt_state"]
-      lanes = [self._start_lane(theta, i, lp["round"], states)._replace(t=lp["t"])
-               for i, (lp, states) in enumerate(zip(prog["lanes"], state["lanes"]))]
-      skipped_members, skipped_steps = prog["skipped_members"], prog["skipped_steps"]
-    if metrics_file is not None:  # keep the lines up to the restored step only
-      old = metrics_file.read_text().splitlines() if metrics_file.exists() else []
-      history = [json.loads(l) for l in old if l.strip()]
-      history = [h for h in history if h["meta_step"] < start]
-      metrics_file.write_text("".join(json.dumps(h) + "\n" for h in history))
-
-    end = cfg.meta_steps if stop_after is None else min(cfg.meta_steps, stop_after)
-    bar = tqdm(total=cfg.meta_steps, initial=start, disable=not progress,
-               desc="meta-training", unit="step", dynamic_ncols=True)
-    for meta_step in range(start, end):
-      grads, weights, losses, lrs, names = [], [], [], [], []
-      for i, lane in enumerate(lanes):
-        fns = self._fns_for(lane.task)
-        loss, grad, n_ok, states, lr, _ = fns.segment(
-            theta, lane.states, lane.task.arrays(), jnp.float32(lane.config.total_steps),
-            jnp.int32(lane.config.batch_size))
-        n_ok = int(n_ok)
-        skipped_members += cfg.population - n_ok
-        if n_ok:
-          grads.append(grad)
-          weights.append(n_ok)
-          losses.append(float(loss))
-          lrs.append(float(lr))
-        names.append(lane.config.name)
-        t = lane.t + cfg.segment_length
-        if n_ok < cfg.population or t >= lane.config.total_steps:
-          lanes[i] = self._start_lane(theta, i, lane.round + 1)
-        else:
-          lanes[i] = lane._replace(t=t, states=states)
-      if grads:
-        w = np.asarray(weights, np.float32) / sum(weights)
-        grad = jax.tree.map(lambda *g: sum(wi * gi for wi, gi in zip(w, g)), *grads)
-        theta, opt_state, gnorm = self._apply(theta, opt_state, grad)
-        gnorm = float(gnorm)
-      else:
-        skipped_steps += 1
-        gnorm = float("nan")
-      record = {"meta_step": meta_step,
-                "meta_loss": float(np.average(losses, weights=weights)) if losses else None,
-                "meta_grad_norm": gnorm, "mean_lr": float(np.mean(lrs)) if lrs else None,
-                "skipped_members": skipped_members, "skipped_steps": skipped_steps,
-                "tasks": names}
-      history.append(record)
-      if metrics_file is not None:
-        with metrics_file.open("a") as f:
-          f.write(json.dumps(record) + "\n")
-      if ckpt is not None:
-        step_done = meta_step + 1
-        ckpt.save(step_done, {"theta": theta, "meta_opt_state": opt_state,
-                              "lanes": [l.states for l in lanes]},
-                  {"lanes": [{"round": l.round, "t": l.t} for l in lanes],
-                   "skipped_members": skipped_members, "skipped_steps": skipped_steps},
-                  force=step_done == cfg.meta_steps)
-      bar.update(1)
-      if record["meta_loss"] is not None:
-        bar.set_postfix(meta_loss=f"{record['meta_loss']:.3f}", lr=f"{record['mean_lr']:.2e}")
-    bar.close()
-    if ckpt is not None:
-      ckpt.close()
-    return MetaTrainResult(theta, self.controller, history, skipped_members,
-                           skipped_steps, time.perf_counter() - start_time)
+    state, record = self.initial()
+    postfix = lambda row: ({} if row["meta_loss"] is None else
+                           {"meta_loss": f"{row['meta_loss']:.3f}", "lr": f"{row['mean_lr']:.2e}"})
+    result = run_loop(self.advance, state, record=record, steps=self.config.meta_steps,
+                      directory=out_dir, checkpoint_every=self.config.checkpoint_every,
+                      target=self.target, progress=progress, desc="meta-training",
+                      postfix=postfix, stop_after=stop_after)
+    return MetaTrainResult(result.state["theta"], self.controller, result.history,
+                           result.record["skipped_members"], result.record["skipped_steps"],
+                           result.seconds)
 
 
 def meta_train(config: MetaLRConfig, out_dir: Optional[str] = None, *,

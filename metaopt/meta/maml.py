@@ -20,11 +20,12 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from metaopt import estimators
+from metaopt.train import run_loop, scan_advance
 from metaopt.unroll import InnerProblem, population_mean, unroll
+from metaopt.validation import check_int, check_positive
 
 PyTree = Any
 Batch = PyTree
@@ -64,12 +65,6 @@ def _selector(adapt_only: AdaptOnly) -> Callable[[str], bool]:
     return adapt_only
   prefixes = (adapt_only,) if isinstance(adapt_only, str) else tuple(adapt_only)
   return lambda name: any(name == p or name.startswith(p.rstrip("/") + "/") for p in prefixes)
-
-
-def _check_positive_int(label: str, value) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f"{label} must be an integer >= 1, got {value!r}")
-  return int(value)
 
 
 def repeat(batch: Batch, steps: int) -> Batch:
@@ -113,9 +108,8 @@ def maml(loss_fn: LossFn, *, inner_lr: float, inner_steps: int, first_order: boo
       the same before it as ``<name>_before``, and with ``curve`` the values after
       every step as ``curve/<name>`` of shape [tasks, steps + 1].
   """
-  inner_steps = _check_positive_int("inner_steps", inner_steps)
-  if not inner_lr > 0:
-    raise ValueError(f"inner_lr must be > 0, got {inner_lr!r}")
+  inner_steps = check_int("inner_steps", inner_steps)
+  check_positive("inner_lr", inner_lr)
   meta_optimizer = optax.adam(1e-3) if meta_optimizer is None else meta_optimizer
   selected = _selector(adapt_only)
 
@@ -178,11 +172,11 @@ def maml(loss_fn: LossFn, *, inner_lr: float, inner_steps: int, first_order: boo
     loss, grad, metrics = meta_gradient(state.theta, support, query)
     updates, opt_state = meta_optimizer.update(grad, state.opt_state, state.theta)
     theta = optax.apply_updates(state.theta, updates)
-    metrics = dict(metrics, query_loss=loss, meta_grad_norm=optax.global_norm(grad))
+    metrics = dict(metrics, query_loss=loss, meta_grad_norm=optax.tree.norm(grad))
     return MAMLState(theta, opt_state, state.step + 1), metrics
 
   def adapt(state: MAMLState, support: Batch, steps: Optional[int] = None) -> PyTree:
-    steps = inner_steps if steps is None else _check_positive_int("steps", steps)
+    steps = inner_steps if steps is None else check_int("steps", steps)
     adapted, _ = unroll(problem.step, state.theta, problem.init(state.theta, None),
                         repeat(support, steps))
     return merge(state.theta["params"], adapted)
@@ -195,7 +189,7 @@ def maml(loss_fn: LossFn, *, inner_lr: float, inner_steps: int, first_order: boo
 
   def evaluate(state: MAMLState, support: Batch, query: Batch, steps: Optional[int] = None,
                curve: bool = False) -> dict:
-    steps = inner_steps if steps is None else _check_positive_int("steps", steps)
+    steps = inner_steps if steps is None else check_int("steps", steps)
     theta = state.theta
 
     def task(s, q):
@@ -216,63 +210,28 @@ def maml(loss_fn: LossFn, *, inner_lr: float, inner_steps: int, first_order: boo
   return MAML(init, meta_step, adapt, evaluate, meta_gradient, problem, inner_steps)
 
 
-# --- loops on the unroll core -----------------------------------------------------------
+# --- meta-training and the pre-training baseline, on the host-side driver ---------------
 
 SampleFn = Callable[[jax.Array], Any]
 
 
-def fit(step_fn: Callable[[Any, Any], tuple[Any, dict]], state: Any, sample: SampleFn, *,
-        key: jax.Array, steps: int, chunk: int = 50, progress: bool = False,
-        desc: str = "training", on_chunk: Optional[Callable[[int, Any, dict], None]] = None
-        ) -> tuple[Any, dict]:
-  """Runs ``state, metrics = step_fn(state, sample(key_t))`` up to step ``steps``.
+def meta_train_maml(m: MAML, state: MAMLState, sample_episodes: SampleFn, *, key: jax.Array,
+               iterations: int, chunk: int = 50, progress: bool = False, directory=None,
+               checkpoint_every: Optional[int] = None,
+               stop_after: Optional[int] = None) -> tuple[MAMLState, dict]:
+  """Meta-steps on episodes ``sample_episodes(fold_in(key, t)) -> (support, query)``
+  up to iteration ``iterations``, from ``state.step`` (a state returned earlier continues).
 
-  ``state`` has a ``step`` field counting the steps done (a resumed state
-  continues from there).
-  Steps are scanned in jitted chunks of ``chunk`` through :func:`metaopt.unroll`;
-  ``key_t = fold_in(key, t)`` with ``t`` the global step (``state.step``), so a
-  run resumed from a saved state draws the same data as an uninterrupted one.
-  ``on_chunk(step, state, chunk_metrics)`` runs after each chunk (e.g. to
-  checkpoint). Returns the final state and the per-step metrics as numpy.
+  Runs on :func:`metaopt.train.run_loop` in jitted chunks of ``chunk`` steps; with
+  ``directory`` it writes ``metrics.jsonl`` and checkpoints and resumes from them.
+  Returns the final state and the per-step metrics as arrays: of the steps this
+  call ran, and with ``directory`` also of those read back from its metrics file.
   """
-  steps = _check_positive_int("steps", steps)
-  chunk = min(_check_positive_int("chunk", chunk), steps)
-
-  def body(_, s, __):
-    return step_fn(s, sample(jax.random.fold_in(key, s.step)))
-
-  run_chunk = jax.jit(lambda s, n: unroll(body, None, s, None, length=n), static_argnums=1)
-  history: dict[str, list] = {}
-  start = int(state.step)
-  bar = None
-  if progress:
-    from tqdm import tqdm
-    bar = tqdm(total=steps, initial=min(start, steps), desc=desc, unit="step")
-  done = start
-  while done < steps:
-    n = min(chunk, steps - done)
-    state, metrics = run_chunk(state, n)
-    metrics = jax.tree.map(np.asarray, metrics)
-    for k, v in metrics.items():
-      history.setdefault(k, []).append(v)
-    done += n
-    if bar is not None:
-      bar.update(n)
-      bar.set_postfix({k: f"{float(v[-1]):.4g}" for k, v in metrics.items()})
-    if on_chunk is not None:
-      on_chunk(done, state, metrics)
-  if bar is not None:
-    bar.close()
-  return state, {k: np.concatenate(v) for k, v in history.items()}
-
-
-def meta_train(m: MAML, state: MAMLState, sample_episodes: SampleFn, *, key: jax.Array,
-               iterations: int, chunk: int = 50, progress: bool = False,
-               on_chunk=None) -> tuple[MAMLState, dict]:
-  """``iterations`` meta-steps on episodes ``sample_episodes(key_t) -> (support, query)``."""
-  return fit(lambda s, episodes: m.meta_step(s, *episodes), state, sample_episodes, key=key,
-             steps=iterations, chunk=chunk, progress=progress, desc="meta-training",
-             on_chunk=on_chunk)
+  advance = scan_advance(lambda s, episodes: m.meta_step(s, *episodes), sample_episodes, key)
+  result = run_loop(advance, state, steps=iterations, chunk=chunk, start=int(state.step),
+                    directory=directory, checkpoint_every=checkpoint_every, progress=progress,
+                    desc="meta-training", stop_after=stop_after)
+  return result.state, result.curves()
 
 
 class PretrainState(NamedTuple):
@@ -294,7 +253,6 @@ def pretrain(loss_fn: LossFn, params: PyTree, sample_batch: SampleFn, *, key: ja
         "loss": loss}
 
   state = PretrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
-  state, history = fit(step, state, sample_batch, key=key, steps=steps, chunk=chunk,
-                       progress=progress, desc="pre-training")
-  return state.params, history
-
+  result = run_loop(scan_advance(step, sample_batch, key), state, steps=steps,
+                    chunk=min(chunk, steps), progress=progress, desc="pre-training")
+  return result.state.params, result.curves()

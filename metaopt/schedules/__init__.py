@@ -1,5 +1,7 @@
 """Optax transforms that set the learning rate."""
 
+from metaopt.schedules.baselines import SCHEDULES, adam_with_schedule, unit_schedule
+from metaopt.schedules.common import current_lr, has_stop_signal, scale_by_lr, should_stop
 from metaopt.schedules.hypergradient import (
     HypergradientAdamState,
     HypergradientState,
@@ -12,7 +14,6 @@ from metaopt.schedules.learned_lr import (
     LearnedLRSchedule,
     LearnedLRState,
     LRController,
-    current_lr,
     init_controller,
     load_controller,
     pretrained_lr,
@@ -20,4 +21,14 @@ from metaopt.schedules.learned_lr import (
     scale_by_learned_lr,
     with_theta,
 )
-from metaopt.schedules.plateau import EarlyStoppingState, PlateauState, early_stopping, plateau_lr, should_stop
+from metaopt.schedules.plateau import EarlyStoppingState, PlateauState, early_stopping, plateau_lr
+
+__all__ = [
+    "FEATURE_NAMES", "LRController", "LearnedLRSchedule", "LearnedLRState", "init_controller",
+    "load_controller", "pretrained_lr", "save_controller", "scale_by_learned_lr", "with_theta",
+    "HypergradientAdamState", "HypergradientState", "hypergradient_adam", "hypergradient_lr",
+    "hypergradient_sgd",
+    "EarlyStoppingState", "PlateauState", "early_stopping", "plateau_lr",
+    "current_lr", "has_stop_signal", "scale_by_lr", "should_stop",
+    "SCHEDULES", "adam_with_schedule", "unit_schedule",
+]

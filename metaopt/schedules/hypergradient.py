@@ -28,12 +28,14 @@ Two implementations:
 
 from __future__ import annotations
 
-import math
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from metaopt.schedules.common import scale_by_lr
+from metaopt.validation import check_number
 
 PyTree = Any
 _TINY = 1e-12  # keeps the multiplicative rule's normalization finite when u_{t-1} = 0
@@ -63,29 +65,20 @@ class _Rule(NamedTuple):
   multiplicative: bool
 
 
-def _concrete(value):
-  """``float(value)``, or ``None`` for a traced value (checked by whoever made it)."""
-  try:
-    return float(value)
-  except (TypeError, jax.errors.ConcretizationTypeError):
-    return None
-
-
 def _rule(initial_lr, *, beta, min_lr, max_lr, multiplicative) -> _Rule:
-  lr = _concrete(initial_lr)
-  if lr is not None and not (math.isfinite(lr) and lr > 0):
-    raise ValueError(f"initial_lr must be a positive finite number, got initial_lr={initial_lr!r}")
-  beta_, low, high = _concrete(beta), _concrete(min_lr), _concrete(max_lr)
-  if beta_ is None or not (math.isfinite(beta_) and beta_ >= 0):
-    raise ValueError(f"beta must be a finite number >= 0, got beta={beta!r}")
-  if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)
-                                         and 0 <= low <= high):
-    raise ValueError("need finite 0 <= min_lr <= max_lr, got "
-                     f"min_lr={min_lr!r}, max_lr={max_lr!r}")
-  if lr is not None and not low <= lr <= high:
+  """The update rule; concrete values are checked, traced ones (``inject_hyperparams``,
+  ``jit``) are taken as they are."""
+  lr = check_number("initial_lr", initial_lr, low=0.0, low_open=True, traced_ok=True)
+  b = check_number("beta", beta, low=0.0, traced_ok=True)
+  low = check_number("min_lr", min_lr, low=0.0, traced_ok=True)
+  high = check_number("max_lr", max_lr, low=0.0, traced_ok=True)
+  if low is not None and high is not None and low > high:
+    raise ValueError(f"need min_lr <= max_lr, got min_lr={min_lr!r}, max_lr={max_lr!r}")
+  if lr is not None and low is not None and high is not None and not low <= lr <= high:
     raise ValueError(f"initial_lr={initial_lr!r} is outside [min_lr={min_lr!r}, "
                      f"max_lr={max_lr!r}]; widen the bounds or change initial_lr")
-  return _Rule(beta_, low, high, bool(multiplicative))
+  given = lambda checked, value: value if checked is None else checked
+  return _Rule(given(b, beta), given(low, min_lr), given(high, max_lr), bool(multiplicative))
 
 
 def _signal(rule: _Rule, dot, grad_sq=None, prev_sq=None) -> jax.Array:
@@ -106,10 +99,6 @@ def _next_lr(rule: _Rule, lr: jax.Array, signal: jax.Array) -> jax.Array:
   else:
     proposed = lr + rule.beta * signal
   return jnp.where(ok, jnp.clip(proposed, rule.min_lr, rule.max_lr), lr).astype(jnp.float32)
-
-
-def _scale(lr: jax.Array, tree: PyTree) -> PyTree:
-  return jax.tree.map(lambda u: (-lr).astype(u.dtype) * u, tree)
 
 
 def _partial_sum(x: jax.Array) -> jax.Array:
@@ -194,6 +183,9 @@ def hypergradient_lr(
   def update_fn(updates, state, params=None, **extra_args):
     grads = updates
     u, direction_state = direction.update(grads, state.direction_state, params, **extra_args)
+    # The direction's state and output keep their dtypes (optax.trace with a
+    # float32 decay would otherwise turn a bfloat16 trace into float32).
+    direction_state = optax.tree.cast_like(direction_state, state.direction_state)
     u = jax.tree.map(lambda x, p: x.astype(p.dtype), u, state.prev_direction)
     prev = state.prev_direction
     if rule.multiplicative:
@@ -202,7 +194,7 @@ def hypergradient_lr(
     else:
       signal = _signal(rule, _tree_dot(grads, prev))
     lr = _next_lr(rule, state.learning_rate, signal)
-    return _scale(lr, u), HypergradientState(lr, signal, u, direction_state)
+    return scale_by_lr(u, lr), HypergradientState(lr, signal, u, direction_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -211,25 +203,26 @@ def hypergradient_sgd(
     initial_lr: float,
     *,
     beta: float = 1e-3,
-    momentum: float = 0.0,
+    momentum: Optional[float] = None,
     nesterov: bool = False,
-    **kwargs,
+    min_lr: float = 1e-8,
+    max_lr: float = 1.0,
+    multiplicative: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-  """SGD-HD (``momentum=0``) and SGDN-HD (``momentum > 0, nesterov=True``).
+  """SGD-HD (no momentum) and SGDN-HD (``momentum > 0, nesterov=True``).
 
   :func:`hypergradient_lr` around ``optax.trace(momentum, nesterov)``, or
-  around the identity when ``momentum == 0``. ``beta=1e-3`` is the paper's
-  value for its MLP experiments. ``kwargs``: ``min_lr``, ``max_lr``,
-  ``multiplicative``.
+  around the identity when ``momentum`` is ``None`` or a Python ``0``.
+  ``beta=1e-3`` is the paper's value for its MLP experiments.
   """
-  m = _concrete(momentum)
-  if m is None or not 0.0 <= m < 1.0:
-    raise ValueError(f"momentum must be in [0, 1), got momentum={momentum!r}")
-  if m == 0.0:
+  check_number("momentum", momentum if momentum is not None else 0.0, low=0.0, high=1.0,
+               high_open=True, traced_ok=True)
+  if momentum is None or (isinstance(momentum, (int, float)) and momentum == 0):
     direction = optax.identity()
   else:
     direction = optax.trace(decay=momentum, nesterov=nesterov)
-  return hypergradient_lr(direction, initial_lr, beta=beta, **kwargs)
+  return hypergradient_lr(direction, initial_lr, beta=beta, min_lr=min_lr, max_lr=max_lr,
+                          multiplicative=multiplicative)
 
 
 def hypergradient_adam(
@@ -315,13 +308,17 @@ def hypergradient_adam(
     # Pass 2: Adam. The moment updates overwrite mu and nu in place; making
     # them depend on h orders pass 1 first, otherwise XLA keeps a copy of the
     # old moments for it (two extra parameter-sized copies per step).
+    # The casts keep the moments and updates in the params' dtype when b1, b2,
+    # eps or eps_root are float32 arrays (traced or injected) and the params are
+    # not; they are no-ops otherwise.
     zero = _zero_after(sums[0])
     out = []
     for g, m, v in zip(grads, mus, nus):
-      m = (1 - b1) * g + b1 * (m + zero.astype(m.dtype))
-      v = (1 - b2) * (g ** 2) + b2 * (v + zero.astype(v.dtype))
+      m_dtype, v_dtype = m.dtype, v.dtype
+      m = ((1 - b1) * g + b1 * (m + zero.astype(m.dtype))).astype(m_dtype)
+      v = ((1 - b2) * (g ** 2) + b2 * (v + zero.astype(v.dtype))).astype(v_dtype)
       u = (m / c1.astype(m.dtype)) / (jnp.sqrt(v / c2.astype(v.dtype) + eps_root) + eps)
-      out.append(((-lr).astype(u.dtype) * u, m, v))
+      out.append((((-lr).astype(u.dtype) * u).astype(m_dtype), m, v))
     new_updates, mu, nu = (treedef.unflatten([o[i] for o in out]) for i in range(3))
     return new_updates, HypergradientAdamState(count, mu, nu, lr, signal)
 

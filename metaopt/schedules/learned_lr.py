@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import optax
 from flax import serialization
 
-from metaopt.schedules.hypergradient import HypergradientAdamState, HypergradientState
-from metaopt.schedules.plateau import PlateauState
+from metaopt.schedules.common import scale_by_lr
+from metaopt.validation import check_number, check_positive
 
 PyTree = Any
 
@@ -85,14 +85,19 @@ class LearnedLRState(NamedTuple):
 
 
 class ControllerSpec(NamedTuple):
-  """Static settings that turn controller outputs into a bounded LR."""
+  """Settings that turn controller outputs into a bounded LR.
+
+  Python floats when the settings are concrete; float32 arrays when they are
+  traced (``optax.inject_hyperparams`` under ``jit``, or ``jax.grad`` with
+  respect to them).
+  """
   apply: Callable[[PyTree, jax.Array], jax.Array]
-  base_lr: float
-  log_min: float         # lower bound of log(lr / base_lr)
-  log_max: float         # upper bound of log(lr / base_lr)
-  max_log_change: float  # largest |change| of log(lr) in one step
-  response_time: float   # fraction of total_steps log(lr) takes to follow the target
-  min_response_steps: float
+  base_lr: Union[float, jax.Array]
+  log_min: Union[float, jax.Array]         # lower bound of log(lr / base_lr)
+  log_max: Union[float, jax.Array]         # upper bound of log(lr / base_lr)
+  max_log_change: Union[float, jax.Array]  # largest |change| of log(lr) in one step
+  response_time: Union[float, jax.Array]   # time to follow the target, in total_steps
+  min_response_steps: Union[float, jax.Array]
 
 
 def _controller_apply(controller) -> Callable[[PyTree, jax.Array], jax.Array]:
@@ -103,30 +108,28 @@ def _controller_apply(controller) -> Callable[[PyTree, jax.Array], jax.Array]:
   raise ValueError(f"controller must be a flax Module or a callable, got {controller!r}")
 
 
-def _check_positive(name: str, value) -> None:
-  try:
-    concrete = float(value)
-  except (TypeError, jax.errors.ConcretizationTypeError):
-    return  # a traced value: checked by whoever made it concrete
-  if not (math.isfinite(concrete) and concrete > 0):
-    raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-
-
 def _spec(controller, *, base_lr, min_lr_factor, max_lr_factor, max_log_change,
           response_time, min_response_steps):
-  _check_positive("base_lr", base_lr)
-  _check_positive("max_log_change", max_log_change)
-  _check_positive("response_time", response_time)
-  if not min_response_steps >= 1:
-    raise ValueError(f"min_response_steps must be >= 1, got {min_response_steps!r}")
-  if not 0 < min_lr_factor <= 1 <= max_lr_factor:
-    raise ValueError(
-        "need 0 < min_lr_factor <= 1 <= max_lr_factor, got "
-        f"min_lr_factor={min_lr_factor!r}, max_lr_factor={max_lr_factor!r}")
-  return ControllerSpec(_controller_apply(controller), float(base_lr),
-                        math.log(min_lr_factor), math.log(max_lr_factor),
-                        float(max_log_change), float(response_time),
-                        float(min_response_steps))
+  """Concrete settings are checked and kept as Python floats (so float32 runs are
+  bit for bit what they were); traced ones are taken as float32 arrays."""
+  base = check_positive("base_lr", base_lr, traced_ok=True)
+  change = check_positive("max_log_change", max_log_change, traced_ok=True)
+  response = check_positive("response_time", response_time, traced_ok=True)
+  min_steps = check_number("min_response_steps", min_response_steps, low=1.0, traced_ok=True)
+  low = check_number("min_lr_factor", min_lr_factor, low=0.0, low_open=True, high=1.0,
+                     traced_ok=True)
+  high = check_number("max_lr_factor", max_lr_factor, low=1.0, traced_ok=True)
+
+  def value(checked, given):
+    return checked if checked is not None else jnp.asarray(given, jnp.float32)
+
+  def log(checked, given):
+    return math.log(checked) if checked is not None else jnp.log(value(None, given))
+
+  return ControllerSpec(_controller_apply(controller), value(base, base_lr),
+                        log(low, min_lr_factor), log(high, max_lr_factor),
+                        value(change, max_log_change), value(response, response_time),
+                        value(min_steps, min_response_steps))
 
 
 def init_lr_state(theta: PyTree, *, base_lr: float, total_steps) -> LearnedLRState:
@@ -281,12 +284,14 @@ def scale_by_learned_lr(
     response_time, min_response_steps: how fast the LR follows the controller.
 
   ``update`` takes the training loss as keyword ``value`` (required) and an
-  optional ``val_loss``; other extra args are ignored.
+  optional ``val_loss``; other extra args are ignored. The numeric settings may
+  be traced (``optax.inject_hyperparams`` with ``static_args=("controller",)``,
+  ``jax.grad``); concrete ones are checked here.
   """
   spec = _spec(controller, base_lr=base_lr, min_lr_factor=min_lr_factor,
                max_lr_factor=max_lr_factor, max_log_change=max_log_change,
                response_time=response_time, min_response_steps=min_response_steps)
-  _check_positive("total_steps", total_steps)
+  check_positive("total_steps", total_steps, traced_ok=True)
 
   def init_fn(params):
     del params
@@ -301,9 +306,12 @@ def scale_by_learned_lr(
     # needs no pass over the parameters before the scaling, and fuses with it.
     state = advance(state, spec, loss=value, norm=state.features.last_norm,
                     val_loss=val_loss)
-    features = state.features._replace(last_norm=optax.global_norm(updates))
-    updates = jax.tree.map(lambda u: (-state.learning_rate).astype(u.dtype) * u, updates)
-    return updates, state._replace(features=features)
+    # float32 whatever the updates' dtype, so the state's types never change;
+    # half-precision updates are summed in float32 (their squares overflow float16).
+    wide = jax.tree.map(lambda u: u.astype(jnp.promote_types(u.dtype, jnp.float32)), updates)
+    norm = optax.tree.norm(wide).astype(jnp.float32)
+    features = state.features._replace(last_norm=norm)
+    return scale_by_lr(updates, state.learning_rate), state._replace(features=features)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -323,7 +331,7 @@ class LearnedLRSchedule(optax.schedules.StatefulSchedule):
     self.spec = _spec(controller, base_lr=base_lr, min_lr_factor=min_lr_factor,
                       max_lr_factor=max_lr_factor, max_log_change=max_log_change,
                       response_time=response_time, min_response_steps=min_response_steps)
-    _check_positive("total_steps", total_steps)
+    check_positive("total_steps", total_steps, traced_ok=True)
     self.theta = theta
     self.total_steps = total_steps
 
@@ -340,7 +348,10 @@ class LearnedLRSchedule(optax.schedules.StatefulSchedule):
     return advance(state, self.spec, loss=value, norm=grad_norm, val_loss=val_loss)
 
   def __call__(self, state: LearnedLRState, **extra_args) -> jax.Array:
-    return self.update(state, **extra_args).learning_rate
+    # Weakly typed, like optax's own schedules: inject_hyperparams then casts it
+    # to the params' dtype, so bfloat16 updates stay bfloat16 (a strong float32
+    # LR would upcast them). For float32 params the value is unchanged.
+    return jax.lax.full_like(0.0, self.update(state, **extra_args).learning_rate)
 
 
 def with_theta(opt_state: PyTree, theta: PyTree) -> PyTree:
@@ -348,26 +359,6 @@ def with_theta(opt_state: PyTree, theta: PyTree) -> PyTree:
   is_lr_state = lambda x: isinstance(x, LearnedLRState)
   return jax.tree.map(lambda s: s._replace(theta=theta) if is_lr_state(s) else s,
                       opt_state, is_leaf=is_lr_state)
-
-
-_LR_STATES = (LearnedLRState, HypergradientState, HypergradientAdamState, PlateauState)
-
-
-def current_lr(opt_state: PyTree) -> jax.Array:
-  """The LR applied at the latest step: from a metaopt LR state or from
-  ``optax.inject_hyperparams``' ``learning_rate``; NaN when there is none."""
-  found = []
-  is_lr_state = lambda x: isinstance(x, _LR_STATES)
-  for node in jax.tree.leaves(opt_state, is_leaf=lambda x: is_lr_state(x) or
-                              isinstance(x, optax.InjectStatefulHyperparamsState)):
-    if is_lr_state(node):
-      found.append(node.learning_rate)
-    elif isinstance(node, optax.InjectStatefulHyperparamsState):
-      if "learning_rate" in node.hyperparams:
-        found.append(node.hyperparams["learning_rate"])
-  if len(found) > 1:
-    raise ValueError(f"opt_state holds {len(found)} learning rates; expected one")
-  return jnp.asarray(found[0], jnp.float32) if found else jnp.full((), jnp.nan)
 
 
 # --- shipped weights ------------------------------------------------------------
@@ -421,13 +412,25 @@ def load_controller(directory: Union[str, pathlib.Path] = PRETRAINED_DIR
 
 
 def pretrained_lr(*, base_lr: float = 1e-3, total_steps,
-                  **kwargs) -> optax.GradientTransformationExtraArgs:
+                  min_lr_factor: Optional[float] = None,
+                  max_lr_factor: Optional[float] = None,
+                  max_log_change: Optional[float] = None,
+                  response_time: Optional[float] = None,
+                  min_response_steps: Optional[float] = None,
+                  ) -> optax.GradientTransformationExtraArgs:
   """:func:`scale_by_learned_lr` with the controller weights shipped in metaopt.
 
   ``optax.chain(optax.scale_by_adam(), metaopt.pretrained_lr(total_steps=5000))``
   gives a learned schedule with no meta-training. See ``docs/benchmarks.md`` for
-  how the weights were trained and how well they transfer.
+  how the weights were trained and how well they transfer. Each of the
+  :data:`SETTINGS` left at ``None`` is the one the weights were trained with.
+  Every argument is named, so ``optax.inject_hyperparams(pretrained_lr)`` can
+  inject them.
   """
   controller, theta, config = load_controller(PRETRAINED_DIR)
+  given = dict(min_lr_factor=min_lr_factor, max_lr_factor=max_lr_factor,
+               max_log_change=max_log_change, response_time=response_time,
+               min_response_steps=min_response_steps)
+  settings = {k: config["settings"][k] if given[k] is None else given[k] for k in SETTINGS}
   return scale_by_learned_lr(controller, theta, base_lr=base_lr, total_steps=total_steps,
-                             **{**config["settings"], **kwargs})
+                             **settings)

@@ -13,14 +13,15 @@ it lacks for a training run that is evaluated once per epoch:
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 from optax.contrib import ReduceLROnPlateauState, reduce_on_plateau
+
+from metaopt.schedules.common import scale_by_lr
+from metaopt.validation import check_int, check_number
 
 PyTree = Any
 
@@ -33,28 +34,6 @@ class PlateauState(NamedTuple):
   evals_since_best: jax.Array   # int32 evaluations since the last improvement
   nan_evals: jax.Array          # int32 evaluations whose val_loss was NaN or inf
   plateau: ReduceLROnPlateauState  # optax's reduce-on-plateau state (scale, best_value, ...)
-
-
-def _check_number(name: str, value, *, low: float, low_ok: bool,
-                  high: Optional[float] = None, high_ok: bool = True) -> float:
-  try:
-    x = float(value)
-  except (TypeError, ValueError, jax.errors.ConcretizationTypeError):
-    x = math.nan
-  ok = math.isfinite(x) and (x >= low if low_ok else x > low)
-  if high is not None:
-    ok = ok and (x <= high if high_ok else x < high)
-  if not ok:
-    lo = f"{'[' if low_ok else '('}{low:g}"
-    hi = "inf)" if high is None else f"{high:g}{']' if high_ok else ')'}"
-    raise ValueError(f"{name} must be a number in {lo}, {hi}, got {name}={value!r}")
-  return x
-
-
-def _check_int(name: str, value, *, low: int) -> int:
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-    raise ValueError(f"{name} must be an integer >= {low}, got {name}={value!r}")
-  return int(value)
 
 
 def plateau_lr(
@@ -104,20 +83,32 @@ def plateau_lr(
     min_lr: LR floor, in ``[0, base_lr]``.
     early_stopping_patience: evaluations without improvement before
       ``stop``; ``None`` never stops.
+
+  ``base_lr`` and ``min_lr`` may be traced (``optax.inject_hyperparams``,
+  ``jax.grad``); the others must be Python numbers
+  (``optax.contrib.reduce_on_plateau`` checks them with ``if``), so
+  ``inject_hyperparams`` needs them in ``static_args``.
   """
-  base = _check_number("base_lr", base_lr, low=0.0, low_ok=False)
-  _check_number("factor", factor, low=0.0, low_ok=False, high=1.0, high_ok=False)
-  patience = _check_int("patience", patience, low=1)
-  cooldown = _check_int("cooldown", cooldown, low=0)
-  floor = _check_number("min_lr", min_lr, low=0.0, low_ok=True)
-  if floor > base:
+  # base_lr and min_lr only enter arithmetic, so they may be traced.
+  base = check_number("base_lr", base_lr, low=0.0, low_open=True, traced_ok=True)
+  check_number("factor", factor, low=0.0, low_open=True, high=1.0, high_open=True)
+  patience = check_int("patience", patience, low=1)
+  cooldown = check_int("cooldown", cooldown, low=0)
+  floor = check_number("min_lr", min_lr, low=0.0, traced_ok=True)
+  if base is not None and floor is not None and floor > base:
     raise ValueError(f"min_lr={min_lr!r} must not exceed base_lr={base_lr!r}")
   if early_stopping_patience is not None:
-    early_stopping_patience = _check_int("early_stopping_patience",
-                                         early_stopping_patience, low=1)
+    early_stopping_patience = check_int("early_stopping_patience",
+                                        early_stopping_patience, low=1)
+  if base is None or floor is None:  # float32, like the plateau state they meet
+    base = jnp.asarray(base_lr, jnp.float32) if base is None else base
+    floor = jnp.asarray(min_lr, jnp.float32) if floor is None else floor
+    min_scale = jnp.asarray(floor / base, jnp.float32)
+  else:
+    min_scale = floor / base
   # reduce_on_plateau checks rtol and atol (and names them in its errors).
   inner = reduce_on_plateau(factor=factor, patience=patience, rtol=rtol, atol=atol,
-                            cooldown=cooldown, min_scale=floor / base)
+                            cooldown=cooldown, min_scale=min_scale)
 
   def init_fn(params):
     del params  # the plateau state is float32 whatever the parameters' dtype
@@ -167,8 +158,7 @@ def plateau_lr(
           raise ValueError(f"plateau_lr: new_eval must be a scalar bool, got shape {flag.shape}")
         flag = flag.astype(bool)
         state = jax.tree.map(lambda new, old: jnp.where(flag, new, old), advanced, state)
-    lr = state.learning_rate
-    return jax.tree.map(lambda u: (-lr).astype(u.dtype) * u, updates), state
+    return scale_by_lr(updates, state.learning_rate), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -190,11 +180,15 @@ def early_stopping(patience: int = 10, *, rtol: float = 0.01,
   ``val_loss`` and ``new_eval`` the way :func:`plateau_lr` does, counts an
   evaluation as an improvement when ``val_loss < (1 - rtol) * best - atol``,
   and sets ``stop`` (for good) after ``patience`` evaluations in a row without
-  one. :func:`should_stop` reads it.
+  one. :func:`should_stop` reads it. ``rtol`` and ``atol`` may be traced
+  (``optax.inject_hyperparams``); ``patience`` must be a Python int.
   """
-  patience = _check_int("patience", patience, low=1)
-  rtol = _check_number("rtol", rtol, low=0.0, low_ok=True, high=1.0)
-  atol = _check_number("atol", atol, low=0.0, low_ok=True)
+  patience = check_int("patience", patience, low=1)
+  # rtol and atol only enter arithmetic, so they may be traced.
+  checked_rtol = check_number("rtol", rtol, low=0.0, high=1.0, traced_ok=True)
+  checked_atol = check_number("atol", atol, low=0.0, traced_ok=True)
+  rtol = rtol if checked_rtol is None else checked_rtol
+  atol = atol if checked_atol is None else checked_atol
 
   def init_fn(params):
     del params
@@ -220,26 +214,3 @@ def early_stopping(patience: int = 10, *, rtol: float = 0.01,
     return updates, state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-_STOP_STATES = (PlateauState, EarlyStoppingState)
-
-
-def has_stop_signal(state: PyTree) -> bool:
-  """Whether ``state`` holds a :class:`PlateauState` or :class:`EarlyStoppingState`."""
-  is_stop = lambda x: isinstance(x, _STOP_STATES)
-  return any(is_stop(s) for s in jax.tree.leaves(state, is_leaf=is_stop))
-
-
-def should_stop(state: PyTree) -> jax.Array:
-  """``stop`` of the :class:`PlateauState` (or :class:`EarlyStoppingState`) in ``state``.
-
-  ``state`` is an optimizer state or chain. Pure and jit-able; with several
-  such states, true when any says stop.
-  """
-  is_stop = lambda x: isinstance(x, _STOP_STATES)
-  found = [s.stop for s in jax.tree.leaves(state, is_leaf=is_stop) if is_stop(s)]
-  if not found:
-    raise ValueError("should_stop: the optimizer state holds no PlateauState; "
-                     "build the optimizer with metaopt plateau_lr or early_stopping")
-  return jnp.stack(found).any(axis=0) if len(found) > 1 else found[0]

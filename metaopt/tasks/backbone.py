@@ -15,6 +15,7 @@ from typing import Any, Literal, Sequence, overload
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import serialization, traverse_util
 
 PyTree = Any
@@ -55,8 +56,6 @@ def _read_msgpack(path: pathlib.Path) -> dict:
 
 
 def _orbax_shapes(path: pathlib.Path) -> dict[str, tuple[int, ...]]:
-  import orbax.checkpoint as ocp
-
   meta = ocp.StandardCheckpointer().metadata(path)
   tree = getattr(meta, "item_metadata", meta)
   tree = getattr(tree, "tree", tree)
@@ -139,8 +138,6 @@ def load_params(path, target, *, strict=True, exclude=()):
           f"directory {where} is not an orbax checkpoint (no {_ORBAX_MARKERS[0]} file); "
           "accepted: an ocp.StandardCheckpointer directory or a flax msgpack file"
       )
-    import orbax.checkpoint as ocp
-
     stored_shapes = {k: v for k, v in _orbax_shapes(path).items() if keep(k)}
     _check_shapes(stored_shapes, target_shapes, where)
     checkpointer = ocp.StandardCheckpointer()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import numbers
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -14,6 +13,7 @@ import optax
 
 from metaopt.tasks.data import DATASETS, IMAGE_SHAPES, Dataset, load_dataset, num_train_examples
 from metaopt.tasks.models import MODEL_KINDS, make_model
+from metaopt.validation import check_choice, check_int, is_integer
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
@@ -36,11 +36,6 @@ class TaskConfig(NamedTuple):
         f"{self.dataset}-{self.model}-{self.width}x{self.depth}"
         f"-b{self.batch_size}-s{self.total_steps}"
     )
-
-
-def _check_positive_int(label: str, value: Any) -> None:
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-    raise ValueError(f"{label} must be an integer >= 1, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -115,20 +110,29 @@ class Task:
     return {"x": x[idx], "y": y[idx]}
 
 
-def make_task(config: TaskConfig) -> Task:
-  """Load the data and build the model for a config; raise ValueError if it is invalid."""
-  if config.model not in MODEL_KINDS:
-    raise ValueError(f"unknown model {config.model!r}; accepted: {', '.join(MODEL_KINDS)}")
-  for label in ("batch_size", "total_steps"):
-    _check_positive_int(label, getattr(config, label))
-  if isinstance(config.seed, bool) or not isinstance(config.seed, numbers.Integral):
+def check_task_config(config: TaskConfig) -> TaskConfig:
+  """ValueError for unknown names or sizes that are not positive integers (no data is
+  loaded: whether a batch fits the dataset is checked by :func:`make_task`)."""
+  if not isinstance(config, TaskConfig):
+    raise ValueError(f"expected a TaskConfig, got {config!r}")
+  check_choice("dataset", config.dataset, DATASETS)
+  check_choice("model", config.model, MODEL_KINDS)
+  for label in ("width", "depth", "batch_size", "total_steps"):
+    check_int(label, getattr(config, label))
+  if not is_integer(config.seed):
     raise ValueError(f"seed must be an integer, got {config.seed!r}")
-  data = load_dataset(config.dataset, seed=int(config.seed))
-  if config.model == "cnn" and data.image_shape is None:
+  if config.model == "cnn" and config.dataset not in IMAGE_SHAPES:
     raise ValueError(
         f"model 'cnn' needs an image dataset ({', '.join(IMAGE_SHAPES)}), "
         f"got {config.dataset!r}; use 'mlp'"
     )
+  return config
+
+
+def make_task(config: TaskConfig) -> Task:
+  """Load the data and build the model for a config; raise ValueError if it is invalid."""
+  check_task_config(config)
+  data = load_dataset(config.dataset, seed=int(config.seed))
   model = make_model(
       config.model,
       width=config.width,
@@ -203,14 +207,12 @@ def task_family(
     if not values:
       raise ValueError(f"{label} must be a non-empty tuple, got {values!r}")
   for name in fields["datasets"]:
-    if name not in DATASETS:
-      raise ValueError(f"unknown dataset {name!r}; accepted: {', '.join(DATASETS)}")
+    check_choice("dataset", name, DATASETS)
   for name in fields["models"]:
-    if name not in MODEL_KINDS:
-      raise ValueError(f"unknown model {name!r}; accepted: {', '.join(MODEL_KINDS)}")
+    check_choice("model", name, MODEL_KINDS)
   for label in ("widths", "depths", "batch_sizes", "total_steps"):
     for value in fields[label]:
-      _check_positive_int(label, value)
+      check_int(label, value)
   largest = max(fields["batch_sizes"])
   for name in fields["datasets"]:
     n_train = num_train_examples(name)

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metaopt.tasks.data import IMAGE_SHAPES, _PIXEL_MAX, _raw
+from metaopt.tasks.data import IMAGE_SHAPES, PIXEL_MAX, raw_examples
+from metaopt.validation import check_choice, check_int
 
 Batch = dict
 
@@ -64,10 +65,8 @@ class SinusoidFamily(NamedTuple):
 
 def sinusoid_family(k_shot: int = 10, num_query: int = 10) -> SinusoidFamily:
   """A validated :class:`SinusoidFamily` (the MAML paper used K = 5, 10 and 20)."""
-  for label, value in (("k_shot", k_shot), ("num_query", num_query)):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ValueError(f"{label} must be an integer >= 1, got {value!r}")
-  return SinusoidFamily(k_shot=k_shot, num_query=num_query)
+  return SinusoidFamily(k_shot=check_int("k_shot", k_shot),
+                        num_query=check_int("num_query", num_query))
 
 
 # --- class pools -----------------------------------------------------------------------
@@ -97,10 +96,9 @@ def offline_pool(name: str, *, image_size: int | None = None) -> ClassPool:
 
   Pixels are scaled to [0, 1]; ``image_size`` resizes (bilinear) to a square.
   """
-  if name not in IMAGE_SHAPES:
-    raise ValueError(f"unknown image dataset {name!r}; accepted: {', '.join(IMAGE_SHAPES)}")
-  x, y = _raw(name, 0)
-  x = (x / np.float32(_PIXEL_MAX[name])).reshape((-1, *IMAGE_SHAPES[name]))
+  check_choice("image dataset", name, IMAGE_SHAPES)
+  x, y = raw_examples(name, 0)
+  x = (x / np.float32(PIXEL_MAX[name])).reshape((-1, *IMAGE_SHAPES[name]))
   if image_size is not None:
     x = resize(x, image_size)
   return ClassPool(np.asarray(x, np.float32), np.asarray(y, np.int32),
@@ -109,8 +107,7 @@ def offline_pool(name: str, *, image_size: int | None = None) -> ClassPool:
 
 def resize(x: np.ndarray, size: int) -> np.ndarray:
   """Bilinear resize of [N, H, W, C] images to [N, size, size, C]."""
-  if not isinstance(size, int) or size < 1:
-    raise ValueError(f"image_size must be an integer >= 1, got {size!r}")
+  check_int("image_size", size)
   out = jax.jit(lambda a: jax.image.resize(a, (a.shape[0], size, size, a.shape[3]), "bilinear"))
   return np.asarray(out(jnp.asarray(x, jnp.float32)))
 
@@ -202,8 +199,7 @@ def fewshot_family(pool: ClassPool, *, n_way: int = 5, k_shot: int = 1,
                    num_query: int = 15) -> FewShotFamily:
   """A validated :class:`FewShotFamily` over ``pool``."""
   for label, value in (("n_way", n_way), ("k_shot", k_shot), ("num_query", num_query)):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-      raise ValueError(f"{label} must be an integer >= 1, got {value!r}")
+    check_int(label, value)
   if n_way > pool.num_classes:
     raise ValueError(f"n_way={n_way} exceeds the {pool.num_classes} classes of pool "
                      f"{pool.name!r}")

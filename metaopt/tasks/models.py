@@ -7,12 +7,13 @@ dropout mask needs a ``"dropout"`` rng at ``apply``.
 
 from __future__ import annotations
 
-import numbers
 from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from metaopt.validation import check_choice, check_int
 
 MODEL_KINDS: tuple[str, ...] = ("mlp", "cnn", "rnn", "transformer")
 MAX_TOKENS = 16  # sequence length a flat (non-image) input is cut into for rnn/transformer
@@ -123,12 +124,9 @@ def make_model(
   """An MLP with `depth` hidden layers of `width`; a CNN with `depth` conv blocks of
   `width`, 2*`width`, ... channels; an RNN of `depth` stacked GRUs of `width`; or a
   Transformer of `depth` blocks of `width` (2 heads)."""
-  if kind not in MODEL_KINDS:
-    raise ValueError(f"unknown model {kind!r}; accepted: {', '.join(MODEL_KINDS)}")
-  for label, value in (("width", width), ("depth", depth), ("num_classes", num_classes)):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-      raise ValueError(f"{label} must be an integer >= 1, got {value!r}")
-  width, depth, num_classes = int(width), int(depth), int(num_classes)
+  check_choice("model", kind, MODEL_KINDS)
+  width, depth, num_classes = (check_int(label, value) for label, value in
+                               (("width", width), ("depth", depth), ("num_classes", num_classes)))
   if kind == "mlp":
     return MLP(hidden=(width,) * depth, num_classes=num_classes)
   if kind in ("rnn", "transformer"):

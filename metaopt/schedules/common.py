@@ -1,0 +1,74 @@
+"""What every metaopt LR transform shares: the scaling step, and reading its state.
+
+A transform that sets the LR keeps it in a ``NamedTuple`` state field named
+``learning_rate``; one that can tell a training loop to stop keeps a bool field
+``stop``. :func:`current_lr` and :func:`should_stop` find those fields anywhere
+in an optimizer state (a chain, ``optax.MultiSteps``, ``inject_hyperparams``),
+so a new transform needs no registration.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+_INJECT_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+
+
+def scale_by_lr(updates: PyTree, learning_rate: jax.Array) -> PyTree:
+  """``-learning_rate * updates``, each leaf kept in its own dtype."""
+  return jax.tree.map(lambda u: (-learning_rate).astype(u.dtype) * u, updates)
+
+
+def _has_field(node: Any, field: str) -> bool:
+  return isinstance(node, tuple) and field in getattr(node, "_fields", ())
+
+
+def _is_lr_node(node: Any) -> bool:
+  return isinstance(node, _INJECT_STATES) or _has_field(node, "learning_rate")
+
+
+def current_lr(opt_state: PyTree) -> jax.Array:
+  """The LR applied at the latest step, as float32: a state's ``learning_rate``
+  field, or ``optax.inject_hyperparams``' ``learning_rate``; NaN when there is none.
+
+  Raises ValueError when the state holds more than one.
+  """
+  found = []
+  for node in jax.tree.leaves(opt_state, is_leaf=_is_lr_node):
+    if isinstance(node, _INJECT_STATES):
+      if "learning_rate" in node.hyperparams:
+        found.append(node.hyperparams["learning_rate"])
+    elif _has_field(node, "learning_rate"):
+      found.append(node.learning_rate)
+  if len(found) > 1:
+    raise ValueError(f"opt_state holds {len(found)} learning rates; expected one")
+  return jnp.asarray(found[0], jnp.float32) if found else jnp.full((), jnp.nan)
+
+
+def _stop_flags(state: PyTree) -> list:
+  is_stop = lambda x: _has_field(x, "stop")
+  return [s.stop for s in jax.tree.leaves(state, is_leaf=is_stop) if is_stop(s)]
+
+
+def has_stop_signal(state: PyTree) -> bool:
+  """Whether ``state`` holds a transform with a ``stop`` field (``plateau_lr``,
+  ``early_stopping``)."""
+  return bool(_stop_flags(state))
+
+
+def should_stop(state: PyTree) -> jax.Array:
+  """True when a ``plateau_lr`` or ``early_stopping`` state in ``state`` says stop.
+
+  ``state`` is an optimizer state or chain. Pure and jit-able; with several
+  such states, true when any says stop.
+  """
+  found = _stop_flags(state)
+  if not found:
+    raise ValueError("should_stop: the optimizer state holds no PlateauState; "
+                     "build the optimizer with metaopt plateau_lr or early_stopping")
+  return jnp.stack(found).any(axis=0) if len(found) > 1 else found[0]

@@ -1,0 +1,90 @@
+"""Argument checks shared by every layer: numbers, integers, choices.
+
+Each check raises ``ValueError`` naming the argument, the value it got and
+what is accepted. Values traced by ``jax.jit`` or ``optax.inject_hyperparams``
+cannot be checked on the host: :func:`concrete` returns ``None`` for them, and
+the number checks pass them through when called with ``traced_ok=True``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Iterable, Optional
+
+import jax
+import numpy as np
+
+
+def is_number(x: Any) -> bool:
+  """A real number (Python or numpy scalar); ``bool`` is not a number here."""
+  return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+
+def is_integer(x: Any) -> bool:
+  """An integer (Python or numpy); ``bool`` is not an integer here."""
+  return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+
+def concrete(value: Any) -> Optional[float]:
+  """``float(value)``, or ``None`` for a value traced by jax (checked by whoever made it)."""
+  if isinstance(value, jax.core.Tracer):
+    return None
+  try:
+    return float(value)
+  except (TypeError, ValueError, jax.errors.ConcretizationTypeError):
+    return None
+
+
+def _interval(low, high, low_open, high_open) -> str:
+  lo = "(-inf" if low is None else f"{'(' if low_open else '['}{low:g}"
+  hi = "inf)" if high is None else f"{high:g}{')' if high_open else ']'}"
+  return f"{lo}, {hi}"
+
+
+def check_number(name: str, value: Any, *, low: Optional[float] = None,
+                 high: Optional[float] = None, low_open: bool = False,
+                 high_open: bool = False, traced_ok: bool = False) -> Optional[float]:
+  """``value`` as a finite float within the bounds; ``None`` for a traced value
+  when ``traced_ok``. ``low_open``/``high_open`` exclude the bound itself."""
+  if isinstance(value, (bool, np.bool_)):
+    x = None
+  else:
+    x = concrete(value)
+    if x is None and traced_ok and isinstance(value, jax.core.Tracer):
+      return None
+  ok = x is not None and math.isfinite(x)
+  if ok and low is not None:
+    ok = x > low if low_open else x >= low
+  if ok and high is not None:
+    ok = x < high if high_open else x <= high
+  if not ok:
+    raise ValueError(f"{name} must be a finite number in {_interval(low, high, low_open, high_open)}"
+                     f", got {value!r}")
+  return x
+
+
+def check_positive(name: str, value: Any, *, traced_ok: bool = False) -> Optional[float]:
+  """A finite number > 0 (``None`` for a traced value when ``traced_ok``)."""
+  try:
+    return check_number(name, value, low=0.0, low_open=True, traced_ok=traced_ok)
+  except ValueError:
+    raise ValueError(f"{name} must be a positive finite number, got {value!r}") from None
+
+
+def check_int(name: str, value: Any, *, low: int = 1, high: Optional[int] = None) -> int:
+  """``value`` as an int in ``[low, high]``; bools and non-integral floats are refused."""
+  if not is_integer(value) or value < low or (high is not None and value > high):
+    bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+    raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
+  return int(value)
+
+
+def check_choice(name: str, value: Any, accepted: Iterable) -> Any:
+  """``value`` if it is one of ``accepted``, else a ValueError listing them."""
+  accepted = tuple(accepted)
+  if not isinstance(value, str) and not isinstance(value, (int, float)):
+    raise ValueError(f"unknown {name} {value!r}; accepted: {', '.join(map(str, accepted))}")
+  if value not in accepted:
+    raise ValueError(f"unknown {name} {value!r}; accepted: {', '.join(map(str, accepted))}")
+  return value
