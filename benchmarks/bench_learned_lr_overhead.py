@@ -1,7 +1,7 @@
 """Per-step cost of training with the learned LR transform versus plain Adam + cosine.
 
 Candidate: optax.chain(scale_by_adam(), metaopt.scale_by_learned_lr(LRController(),
-theta, base_lr=1e-3, total_steps=N)), theta random (non-zero output layer).
+theta, learning_rate=1e-3, total_steps=N)), theta random (non-zero output layer).
 Reference: optax.adam(optax.cosine_decay_schedule(1e-3, N)).
 Both run the same jitted training step (sample batch, forward, backward, update)
 as a lax.scan of STEPS steps via metaopt.train.training_step + metaopt.unroll.
@@ -36,7 +36,7 @@ def main():
   for label, config in SIZES.items():
     task = make_task(config)
     learned = optax.chain(optax.scale_by_adam(), metaopt.scale_by_learned_lr(
-        controller, theta, base_lr=1e-3, total_steps=TOTAL_STEPS))
+        controller, theta, learning_rate=1e-3, total_steps=TOTAL_STEPS))
     reference = optax.adam(optax.cosine_decay_schedule(1e-3, TOTAL_STEPS))
     stats = common.interleaved({"learned_lr": common.scanned_training(task, learned, steps),
                                 "adam_cosine": common.scanned_training(task, reference, steps)},

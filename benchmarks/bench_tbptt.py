@@ -25,7 +25,7 @@ import metaopt
 from metaopt import estimators
 from metaopt.meta.lr import VAL_BATCH
 from metaopt.tasks import TaskConfig
-from metaopt.train import TrainState, training_step
+from metaopt.train import RunState, training_step
 
 NAME = "bench_tbptt"
 TARGET_PLAIN, TARGET_HAND = 3.0, 1.10
@@ -38,7 +38,7 @@ def hand_written(task, controller, config, T):
   """value_and_grad of the mean log val loss over a scan of T learned-LR Adam steps."""
   def meta_grad(theta, state, arrays):
     tx = optax.chain(optax.scale_by_adam(eps_root=1e-8), metaopt.scale_by_learned_lr(
-        controller, theta, base_lr=config.base_lr, total_steps=TOTAL_STEPS, **config.settings))
+        controller, theta, learning_rate=config.learning_rate, total_steps=TOTAL_STEPS, **config.settings))
 
     def objective(theta):
       def body(carry, t):
@@ -82,9 +82,9 @@ def bench_task(config: TaskConfig, T: int, repeats: int) -> dict:
   forward_call = compiled(
       lambda th, s, a: metaopt.unroll(problem(a).step, th, s, None, length=T),
       theta, state, arrays, name="forward_learned")[1]
-  adam = optax.adam(meta_config.base_lr)
+  adam = optax.adam(meta_config.learning_rate)
   params = task.init(jax.random.PRNGKey(0))
-  train_state = TrainState(params, adam.init(params), jax.random.PRNGKey(1),
+  train_state = RunState(params, adam.init(params), jax.random.PRNGKey(1),
                            jnp.zeros((), jnp.int32))
   plain_call = compiled(
       lambda s, a: metaopt.unroll(training_step(task, adam, a), None, s, None, length=T),

@@ -148,11 +148,11 @@ def scanned_training(task, tx, steps: int) -> Callable[[], Any]:
   """A compiled ``run() -> final state`` of ``steps`` training steps of ``task`` with ``tx``."""
   import jax.numpy as jnp
   import metaopt
-  from metaopt.train import TrainState, training_step
+  from metaopt.train import RunState, training_step
 
   arrays = task.arrays()
   params = task.init(jax.random.PRNGKey(0))
-  state = TrainState(params, tx.init(params), jax.random.PRNGKey(1), jnp.zeros((), jnp.int32))
+  state = RunState(params, tx.init(params), jax.random.PRNGKey(1), jnp.zeros((), jnp.int32))
   step = training_step(task, tx, arrays)
   run = jax.jit(lambda state, arrays: metaopt.unroll(step, None, state, None, length=steps))
   compiled = run.lower(state, arrays).compile()

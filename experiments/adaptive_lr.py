@@ -24,7 +24,7 @@ import optax
 
 from metaopt import config as config_lib
 from metaopt import report
-from metaopt.experiments.protocol import (Result, best_index, finish, lr_curve,
+from metaopt.experiments.protocol import (Result, best_index, curve_rows, finish, lr_curve,
                                           plot_method_curves, seed_keys, train_and_record)
 from metaopt.schedules import learned_lr
 from metaopt.schedules.baselines import unit_schedule
@@ -43,11 +43,11 @@ class Config:
   batch_size: int = 32
   epochs: int = 50
   seeds: int = 3
-  base_lr: float = 1e-3
+  learning_rate: float = 1e-3
   patience: int = 10              # evaluations (epochs) without improvement before stopping
   rtol: float = 0.01              # relative improvement that resets the patience count
   hd_sgd_lr: float = 0.01         # initial LR of hypergradient SGD
-  tune_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)  # constant-Adam grid (must hold base_lr)
+  tune_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)  # constant-Adam grid (must hold learning_rate)
   start_factors: tuple[float, ...] = (10.0, 0.1)    # Adam-HD starts, relative to the tuned LR
   threshold: float = 1.1          # val-loss target: this times the best final val loss on the task
   include_pretrained: bool = True
@@ -61,13 +61,13 @@ class Config:
       check_choice("dataset", name, DATASETS)
     for name in ("width", "depth", "batch_size", "epochs", "seeds", "patience"):
       check_int(name, getattr(self, name))
-    for name in ("base_lr", "hd_sgd_lr", "threshold"):
+    for name in ("learning_rate", "hd_sgd_lr", "threshold"):
       check_positive(name, getattr(self, name))
     check_number("rtol", self.rtol, low=0.0, high=1.0)
     for lr in self.tune_lrs + self.start_factors:
       check_positive("tune_lrs and start_factors", lr)
-    if self.base_lr not in self.tune_lrs:
-      raise ValueError(f"tune_lrs={self.tune_lrs!r} must hold base_lr={self.base_lr!r}")
+    if self.learning_rate not in self.tune_lrs:
+      raise ValueError(f"tune_lrs={self.tune_lrs!r} must hold learning_rate={self.learning_rate!r}")
 
 
 def default_config(seed: int = 0) -> Config:
@@ -116,7 +116,7 @@ def scheduled_adam(config: Config, steps: int):
 def method_txs(config: Config, steps: int) -> dict:
   """``make_tx(_)`` of the methods that get a program each (the LR is fixed)."""
   stop = lambda: early_stopping(config.patience, rtol=config.rtol)
-  lr = config.base_lr
+  lr = config.learning_rate
   txs = {
       "plateau": lambda _: optax.chain(
           optax.scale_by_adam(),
@@ -128,7 +128,7 @@ def method_txs(config: Config, steps: int) -> dict:
     # The controller was meta-trained without validation losses: hide them from it.
     txs["pretrained"] = lambda _: optax.chain(
         optax.scale_by_adam(),
-        without_extra_args(learned_lr.pretrained_lr(base_lr=lr, total_steps=steps), "val_loss"),
+        without_extra_args(learned_lr.pretrained_lr(learning_rate=lr, total_steps=steps), "val_loss"),
         stop())
   return txs
 
@@ -160,7 +160,7 @@ def evaluate_task(config: Config, dataset: str, store=None) -> dict:
 
   # Constant Adam over the tuning grid, step decay and cosine: one program.
   n = len(config.tune_lrs)
-  lrs = list(config.tune_lrs) + [config.base_lr] * 2
+  lrs = list(config.tune_lrs) + [config.learning_rate] * 2
   ids = [0] * n + [1, 2]
   rep = lambda v, dtype: jnp.asarray(np.repeat(np.asarray(v, dtype), config.seeds))
   res, wall = grid(scheduled_adam(config, steps),
@@ -170,8 +170,8 @@ def evaluate_task(config: Config, dataset: str, store=None) -> dict:
   pick = lambda j: jax.tree.map(lambda x: x[j], res)
   best = best_index(res.val_accuracy[:n, :, -1].mean(axis=1), res.val_loss[:n, :, -1].mean(axis=1))
   tuned_lr = float(config.tune_lrs[best])
-  methods["adam_1e-3"] = dict(curves=pick(list(config.tune_lrs).index(config.base_lr)),
-                              wall_time=per_run, runs=config.seeds, lr=config.base_lr)
+  methods["adam_1e-3"] = dict(curves=pick(list(config.tune_lrs).index(config.learning_rate)),
+                              wall_time=per_run, runs=config.seeds, lr=config.learning_rate)
   methods["tuned_constant"] = dict(curves=pick(best), wall_time=per_run, runs=config.seeds,
                                    lr=tuned_lr)
   methods["step"] = dict(curves=pick(n), wall_time=per_run, runs=config.seeds, lr=None)
@@ -179,14 +179,14 @@ def evaluate_task(config: Config, dataset: str, store=None) -> dict:
   out["tuning"] = dict(lrs=list(config.tune_lrs),
                        val_accuracy=res.val_accuracy[:n, :, -1].mean(axis=1))
 
-  # Hypergradient Adam from base_lr, and (the quality target) from 10x and 0.1x the
+  # Hypergradient Adam from learning_rate, and (the quality target) from 10x and 0.1x the
   # tuned constant LR, default beta: one program.
-  starts = [config.base_lr] + [f * tuned_lr for f in config.start_factors]
+  starts = [config.learning_rate] + [f * tuned_lr for f in config.start_factors]
   hd = lambda lr0: optax.chain(hypergradient_adam(lr0), stop())
   res, wall = grid(hd, rep(starts, np.float32), len(starts), "hd_adam")
   pick = lambda j: jax.tree.map(lambda x: x[j], res)
   methods["hd_adam"] = dict(curves=pick(0), wall_time=wall / len(starts), runs=config.seeds,
-                            lr=config.base_lr)
+                            lr=config.learning_rate)
   out["hd_starts"] = {f"{f:g}x": dict(curves=pick(j + 1), initial_lr=f * tuned_lr)
                       for j, f in enumerate(config.start_factors)}
 
@@ -330,7 +330,11 @@ def write_report(out, config: Config, results: dict, timings: dict) -> Result:
     starts = ", ".join(f"{k} {v['test_acc']:.4f}" for k, v in t["starts"].items())
     terminal.append(f"{dataset}: Adam-HD test accuracy from {starts}; tuned constant "
                     f"{t['tuned_acc']:.4f}")
-  return finish(out, "\n".join(lines), data, terminal)
+  rows = [row for d, r in results.items() for m, v in r["methods"].items()
+          for row in curve_rows(d, m, v["curves"])]
+  rows += [row for d, r in results.items() for k, v in r["hd_starts"].items()
+           for row in curve_rows(d, f"hd_adam_{k}", v["curves"])]
+  return finish(out, "\n".join(lines), data, terminal, rows)
 
 
 def run(config: Config, out, *, progress: bool = True, store=None) -> Result:

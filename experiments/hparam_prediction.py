@@ -409,7 +409,12 @@ def run(config: Config, out, *, progress: bool = True, store=None) -> Result:
       f"{s['datasets']} held-out datasets",
       f"mean normalized regret at 10 trials: TPE warm-started {report.fmt(s['tpe_warm_regret10'])}"
       f", TPE {report.fmt(s['tpe_regret10'])}"]
-  return finish(out, report_text(config, results, summary, info), data, terminal)
+  rows = [{"task": r["dataset"], "method": m, "metric": "normalized_regret", "step": t + 1,
+           "value": v, "std": s, "runs": len(r["regret_curves"][m])}
+          for r in results for m in METHODS if r["regret_curves"][m]
+          for t, (v, s) in enumerate(zip(np.mean(r["regret_curves"][m], axis=0),
+                                         np.std(r["regret_curves"][m], axis=0)))]
+  return finish(out, report_text(config, results, summary, info), data, terminal, rows)
 
 
 def _restore_budget_keys(results: list[dict]) -> list[dict]:

@@ -20,7 +20,7 @@ import numpy as np
 
 from metaopt import config as config_lib
 from metaopt import report
-from metaopt.experiments.protocol import (Result, best_index, finish, lr_curve,
+from metaopt.experiments.protocol import (Result, best_index, curve_rows, finish, lr_curve,
                                           plot_method_curves, seed_keys, train_and_record)
 from metaopt.meta.lr import MetaLRConfig, learned_lr_tx, meta_train
 from metaopt.schedules import learned_lr
@@ -214,9 +214,15 @@ def write_report(out, config: Config, results: dict, meta_result, timings: dict)
                      ylabel="test loss", logy=True)
   meta_hist = [h for h in meta_result.history if h["meta_loss"] is not None]
   if meta_hist:
-    report.plot_panels(out / "meta_loss.png", {"meta-training": {"meta-loss": (
-        [h["step"] for h in meta_hist], [h["meta_loss"] for h in meta_hist])}},
-                       ylabel="mean log val loss", xlabel="meta step")
+    steps = [h["step"] for h in meta_hist]
+    losses = [h["meta_loss"] for h in meta_hist]
+    window = max(len(losses) // 20, 1)
+    report.plot_panels(
+        out / "meta_loss.png",
+        {"meta-training": {f"moving average ({window} steps)": (
+            steps, report.moving_average(losses, window))}},
+        faint={"meta-training": {f"moving average ({window} steps)": (steps, losses)}},
+        ylabel="mean log val loss", xlabel="meta step")
 
   lines = ["# Learned LR schedule vs tuned hand schedules", "",
            f"Meta-trained for {config.meta.meta_steps} meta steps on "
@@ -242,14 +248,19 @@ def write_report(out, config: Config, results: dict, meta_result, timings: dict)
                  + "; accuracy gain over Adam 1e-3 per task: "
                  + ", ".join(f"{k} {v:+.4f}" for k, v in s["acc_gain_over_adam_1e3"].items()))
   lines += ["", "![LR over steps](lr.png)", "", "![test loss](loss.png)", "",
-            "![meta-training](meta_loss.png)", ""]
+            "![meta-training](meta_loss.png)", "",
+           "The meta-loss (faint: every meta step; bold: its moving average) is a sawtooth: "
+           "each lane restarts on a new task when its run ends, and a fresh run's early "
+           "validation losses are higher than a nearly trained one's.", ""]
   data = {"config": config_lib.to_dict(config), "rows": rows, "summary": summary,
           "timings": timings,
           "curves": {t: {m: r["curves"]._asdict() for m, r in ms.items()}
                      for t, ms in results.items()}}
   terminal = [f"{LABELS[m]}: test accuracy / tuned cosine: mean {s['mean_ratio']:.4f}, "
               f"worst {s['worst_ratio']:.4f} ({s['worst_task']})" for m, s in summary.items()]
-  return finish(out, "\n".join(lines), data, terminal)
+  curves = [row for t, ms in results.items() for m, r in ms.items()
+            for row in curve_rows(t, m, r["curves"])]
+  return finish(out, "\n".join(lines), data, terminal, curves)
 
 
 def run(config: Config, out, *, progress: bool = True, store=None) -> Result:
@@ -263,18 +274,14 @@ def run(config: Config, out, *, progress: bool = True, store=None) -> Result:
   meta_result = meta_train(config.meta, out / "meta", progress=progress)
   timings["meta_train"] = meta_result.seconds
   if config.save_controller:
-    learned_lr.save_controller(
-        meta_result.theta, config.save_controller, hidden=config.meta.hidden,
-        settings=config.meta.settings,
-        info={"command": "metaopt run lr-schedule --save-controller DIR",
-              "meta_steps": config.meta.meta_steps, "seed": config.meta.seed,
-              "base_lr": config.meta.base_lr})
+    meta_result.save(config.save_controller,
+                     info={"command": "metaopt run lr-schedule --save-controller DIR"})
   thetas = {"learned": (meta_result.controller, meta_result.theta, config.meta)}
   if config.include_pretrained and learned_lr.PRETRAINED_WEIGHTS.exists():
-    controller, theta, shipped = learned_lr.load_controller()
-    shipped_cfg = dataclasses.replace(config.meta, hidden=tuple(shipped["hidden"]),
-                                      **shipped["settings"])
-    thetas["pretrained"] = (controller, theta, shipped_cfg)
+    shipped = learned_lr.load_controller()
+    shipped_cfg = dataclasses.replace(config.meta, hidden=tuple(shipped.controller.hidden),
+                                      learning_rate=shipped.learning_rate, **shipped.settings)
+    thetas["pretrained"] = (shipped.controller, shipped.theta, shipped_cfg)
   results = {}
   start = time.perf_counter()
   tasks = config.heldout

@@ -87,8 +87,10 @@ class Config:
     for lr in self.finetune_lrs:
       check_positive("finetune_lrs", lr)
     check_number("threshold", self.threshold, low=0.0, high=1.0)
-    if self.data_dir is not None and not pathlib.Path(self.data_dir).is_dir():
-      raise FileNotFoundError(f"data_dir {self.data_dir!r} is not a folder")
+    if self.data_dir is not None:
+      tfds_data.require_data_extra()
+      if not pathlib.Path(self.data_dir).is_dir():
+        raise FileNotFoundError(f"data_dir {self.data_dir!r} is not a folder")
     if self.backbone is not None and not pathlib.Path(self.backbone).exists():
       raise FileNotFoundError(f"backbone {self.backbone!r} does not exist")
 
@@ -303,7 +305,9 @@ def run(config: Config, out, *, progress: bool = True, store=None) -> Result:
     }
     rows.append(row)
     per_method[method] = {k: v.tolist() for k, v in m.items() if not k.startswith("curve/")}
-    curves[method] = (np.arange(config.finetune_steps + 1), mean_curve)
+    half = 1.96 * m["curve/accuracy"].std(0, ddof=1) / math.sqrt(len(m["curve/accuracy"]))
+    curves[method] = (np.arange(config.finetune_steps + 1), mean_curve, mean_curve - half,
+                      mean_curve + half)
 
   compute = [
       {"method": "MAML", "train s": maml_seconds, "train steps": config.meta_iterations,
@@ -317,7 +321,9 @@ def run(config: Config, out, *, progress: bool = True, store=None) -> Result:
   ]
   val_curve = np.asarray(progress_record["val"]) if progress_record["val"] else np.zeros((0, 2))
   report.plot_panels(out / "adaptation.png",
-                     {f"meta-test query accuracy ({config.n_way}-way {config.k_shot}-shot)": curves},
+                     {f"meta-test query accuracy ({config.n_way}-way {config.k_shot}-shot), "
+                      "mean and 95% interval over episodes": curves},
+                     hlines={f"chance (1/{config.n_way})": 1.0 / config.n_way},
                      ylabel="query accuracy", xlabel="fine-tuning step")
   if len(val_curve):
     report.plot_panels(out / "meta_validation.png",
@@ -333,7 +339,15 @@ def run(config: Config, out, *, progress: bool = True, store=None) -> Result:
   }
   terminal = [f"{row['method']}: meta-test accuracy {row['accuracy']:.4f} "
               f"± {row['accuracy ±95%']:.4f}, macro-F1 {row['macro-F1']:.4f}" for row in rows]
-  return finish(out, _report(config, result), result, terminal)
+  rows = [{"task": "meta-test", "method": method, "metric": "query_accuracy", "step": int(t),
+           "value": mean, "std": (high - mean) / 1.96 * math.sqrt(config.episodes),
+           "runs": config.episodes}
+          for method, (steps, means, _, highs) in curves.items()
+          for t, mean, high in zip(steps, means, highs)]
+  rows += [{"task": "meta-validation", "method": "MAML", "metric": "query_accuracy",
+            "step": int(t), "value": acc, "std": None, "runs": config.val_episodes}
+           for t, acc in progress_record["val"]]
+  return finish(out, _report(config, result), result, terminal, rows)
 
 
 def _report(config: Config, result: dict) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -28,12 +29,42 @@ class Result:
     return list(self.lines)
 
 
-def finish(out, report_text: str, data: dict, lines: Sequence[str]) -> Result:
-  """Writes ``report.md`` and ``results.json`` into ``out``; returns the :class:`Result`."""
+CURVE_COLUMNS = ("task", "method", "metric", "step", "value", "std", "runs")
+
+
+def finish(out, report_text: str, data: dict, lines: Sequence[str],
+           curves: Sequence[Mapping[str, Any]] = ()) -> Result:
+  """Writes ``report.md``, ``results.json`` and the curves (``curves.csv``, one row per
+  task, method, metric and step; TensorBoard event files under ``tensorboard/`` when
+  tensorboardX is installed) into ``out``; returns the :class:`Result`."""
   out = pathlib.Path(out)
   (out / "report.md").write_text(report_text)
   report.write_json(out / "results.json", data)
+  report.write_csv(out / "curves.csv", curves, CURVE_COLUMNS)
+  with report.ScalarLog(out / "tensorboard") as log:
+    for row in curves:
+      log.add(f"{row['task']}/{row['method']}/{row['metric']}", row["value"], row["step"])
   return Result(out / "report.md", data, tuple(lines))
+
+
+PER_STEP = ("learning_rate", "train_loss")
+PER_EVAL = ("val_loss", "val_accuracy", "test_loss", "test_accuracy")
+
+
+def curve_rows(task: str, method: str, curves: TrainResult) -> list[dict]:
+  """``curves.csv`` rows of one method's training runs (leading axis: seeds): the mean
+  and spread over seeds of the per-step LR and training loss, and of every evaluation."""
+  rows = []
+  for metric in PER_STEP + PER_EVAL:
+    values = np.asarray(getattr(curves, metric), np.float64)
+    steps = (np.arange(1, values.shape[-1] + 1) if metric in PER_STEP
+             else np.asarray(curves.eval_steps)[0])
+    with warnings.catch_warnings():  # a step where every seed is NaN (stopped early)
+      warnings.simplefilter("ignore", RuntimeWarning)
+      mean, std = np.nanmean(values, axis=0), np.nanstd(values, axis=0)
+    rows += [{"task": task, "method": method, "metric": metric, "step": int(t), "value": m,
+              "std": d, "runs": values.shape[0]} for t, m, d in zip(steps, mean, std)]
+  return rows
 
 
 def train_and_record(task, make_tx, hparams, keys, *, store, run_info: dict,

@@ -15,7 +15,9 @@ from metaopt.schedules import (
     LearnedLRSchedule,
     LearnedLRState,
     LRController,
+    SavedController,
     current_lr,
+    direction_norm,
     early_stopping,
     hypergradient_adam,
     hypergradient_lr,
@@ -29,7 +31,7 @@ from metaopt.schedules import (
     should_stop,
     with_theta,
 )
-from metaopt.train import LoopResult, TrainResult, run_loop, train_grid
+from metaopt.train import LoopResult, TrainResult, TrainState, run_loop, train_grid
 from metaopt.unroll import InnerProblem, unroll
 
 __version__ = "0.1.0"
@@ -38,10 +40,10 @@ __all__ = [
     "unroll", "InnerProblem", "estimators", "Estimate", "tbptt", "full", "first_order",
     "FEATURE_NAMES", "LRController", "init_controller", "scale_by_learned_lr",
     "LearnedLRSchedule", "LearnedLRState", "pretrained_lr", "save_controller",
-    "load_controller", "with_theta", "current_lr",
+    "load_controller", "SavedController", "with_theta", "current_lr", "direction_norm",
     "hypergradient_lr", "hypergradient_sgd", "hypergradient_adam",
     "plateau_lr", "early_stopping", "should_stop",
-    "train_grid", "TrainResult", "run_loop", "LoopResult",
+    "TrainState", "train_grid", "TrainResult", "run_loop", "LoopResult",
     "meta_train", "MetaLRConfig", "MetaTrainResult",
     "maml", "MAML", "MAMLState", "meta_train_maml", "pretrain",
     "RunStore", "Predictor", "Space", "TASK_FEATURE_NAMES",

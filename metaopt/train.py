@@ -23,6 +23,7 @@ exact resume; meta-training (learned LRs, MAML) and pre-training run on it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -34,8 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax.training import train_state
 from tqdm.auto import tqdm
 
+from metaopt import report
 from metaopt.checkpoint import Checkpoints
 from metaopt.schedules import current_lr, has_stop_signal, should_stop
 from metaopt.unroll import unroll
@@ -46,7 +49,8 @@ MakeTx = Callable[[PyTree], optax.GradientTransformation]
 DropoutFn = Callable[[PyTree], jax.Array]
 
 
-class TrainState(NamedTuple):
+class RunState(NamedTuple):
+  """The carry of one run of :func:`make_train_fn`."""
   params: PyTree
   opt_state: PyTree
   key: jax.Array  # raw uint32 key; batches are drawn from fold_in(key, step)
@@ -55,6 +59,32 @@ class TrainState(NamedTuple):
   new_eval: Any = None   # bool: val_loss is fresh (the first step after an evaluation)
   stopped: Any = None    # bool: early stopping has frozen the run (None: not tracked)
   stop_step: Any = None  # int32 step at which the run stopped (steps if it never did)
+
+
+class TrainState(train_state.TrainState):
+  """Flax's ``TrainState`` whose ``apply_gradients`` forwards optax extra args.
+
+  ``state.apply_gradients(grads=grads, value=loss)`` passes ``value=loss`` (and any
+  other keyword that is not a field of the state, such as ``val_loss=`` or
+  ``new_eval=``) to ``tx.update``, which Flax's own ``apply_gradients`` never does:
+  metaopt's learned LRs need the loss, the plateau transforms a validation loss.
+  Keywords that name fields of the state are replaced, as in Flax.
+  """
+
+  def apply_gradients(self, *, grads, **kwargs):
+    fields = {f.name for f in dataclasses.fields(self)}
+    replaced = {k: v for k, v in kwargs.items() if k in fields}
+    extra_args = {k: v for k, v in kwargs.items() if k not in fields}
+    owg = train_state.OVERWRITE_WITH_GRADIENT
+    grads_with_opt = grads["params"] if owg in grads else grads
+    params_with_opt = self.params["params"] if owg in grads else self.params
+    updates, opt_state = self.tx.update(grads_with_opt, self.opt_state, params_with_opt,
+                                        **extra_args)
+    params = optax.apply_updates(params_with_opt, updates)
+    if owg in grads:  # as in Flax: these gradients overwrite their parameters
+      params = {"params": params, owg: grads[owg]}
+    return self.replace(**{"step": self.step + 1, "params": params, "opt_state": opt_state,
+                           **replaced})
 
 
 class TrainResult(NamedTuple):
@@ -85,7 +115,7 @@ def training_step(task, tx: optax.GradientTransformation, arrays: dict, *,
   signal itself) and records a NaN loss. With ``dropout``, the loss drops
   activations at rate ``dropout(hparams)``.
   """
-  def step(hparams, state: TrainState, _):
+  def step(hparams, state: RunState, _):
     step_key = jax.random.fold_in(state.key, state.step)
     batch = task.sample_batch(arrays, step_key)
     kw = {}
@@ -137,7 +167,7 @@ def make_train_fn(task, make_tx: MakeTx, *, steps: int, eval_every: int,
     first = evaluate(params, arrays)
     # The initial evaluation is the first val_loss, but not a new one: the
     # optimizer counts only the evaluations after each chunk of steps.
-    state = TrainState(params, tx.init(params), data_key, jnp.zeros((), jnp.int32),
+    state = RunState(params, tx.init(params), data_key, jnp.zeros((), jnp.int32),
                        val_loss=first[0], new_eval=jnp.asarray(False),
                        stopped=jnp.asarray(False), stop_step=jnp.asarray(steps, jnp.int32))
     step = training_step(task, tx, arrays, feed_val_loss=feed_val_loss, dropout=dropout)
@@ -322,7 +352,24 @@ def run_loop(advance: Advance, state: PyTree, *, steps: int, chunk: int = 1,
   bar.close()
   if checkpoints is not None:
     checkpoints.close()
+  if directory is not None:
+    write_metrics(directory, history, logged_from=start)
   return LoopResult(state, record, history, start, seconds + time.perf_counter() - began)
+
+
+def write_metrics(directory, history: list, logged_from: int = 0) -> None:
+  """``metrics.csv`` (one line per step, every metric a column; lists joined by ``;``)
+  and, when tensorboardX is installed, TensorBoard event files under ``tensorboard/`` for
+  the steps from ``logged_from`` (earlier calls logged the ones before)."""
+  directory = pathlib.Path(directory)
+  columns = list(dict.fromkeys(k for h in history for k in h))
+  flat = [{k: ";".join(map(str, v)) if isinstance(v, list) else v for k, v in h.items()}
+          for h in history]
+  report.write_csv(directory / "metrics.csv", flat, columns)
+  with report.ScalarLog(directory / "tensorboard") as log:
+    for row in history:
+      if row["step"] >= logged_from:
+        log.add_row({k: v for k, v in row.items() if k != "step"}, row["step"])
 
 
 def scan_advance(step_fn: Callable[[PyTree, PyTree], tuple[PyTree, dict]],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Any, Iterable, Optional
 
 import jax
@@ -47,12 +48,13 @@ def check_number(name: str, value: Any, *, low: Optional[float] = None,
                  high_open: bool = False, traced_ok: bool = False) -> Optional[float]:
   """``value`` as a finite float within the bounds; ``None`` for a traced value
   when ``traced_ok``. ``low_open``/``high_open`` exclude the bound itself."""
-  if isinstance(value, (bool, np.bool_)):
-    x = None
-  else:
-    x = concrete(value)
-    if x is None and traced_ok and isinstance(value, jax.core.Tracer):
+  if isinstance(value, jax.core.Tracer):
+    if traced_ok:
       return None
+    raise ValueError(f"{name} must be a concrete number, not a traced value: it is checked "
+                     "when the transform is built (keep it in static_args of "
+                     f"optax.inject_hyperparams), got {value!r}")
+  x = None if isinstance(value, (bool, np.bool_)) else concrete(value)
   ok = x is not None and math.isfinite(x)
   if ok and low is not None:
     ok = x > low if low_open else x >= low
@@ -76,7 +78,9 @@ def check_int(name: str, value: Any, *, low: int = 1, high: Optional[int] = None
   """``value`` as an int in ``[low, high]``; bools and non-integral floats are refused."""
   if not is_integer(value) or value < low or (high is not None and value > high):
     bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-    raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
+    hint = (" (a Python int: it cannot be injected or traced; keep it in static_args of "
+            "optax.inject_hyperparams)" if isinstance(value, jax.Array) else "")
+    raise ValueError(f"{name} must be an integer {bound}{hint}, got {value!r}")
   return int(value)
 
 
@@ -87,4 +91,23 @@ def check_choice(name: str, value: Any, accepted: Iterable) -> Any:
     raise ValueError(f"unknown {name} {value!r}; accepted: {', '.join(map(str, accepted))}")
   if value not in accepted:
     raise ValueError(f"unknown {name} {value!r}; accepted: {', '.join(map(str, accepted))}")
+  return value
+
+
+def renamed(function: str, new_name: str, new_value: Any, old_name: str, old_value: Any) -> Any:
+  """The value of an argument renamed from ``old_name`` to ``new_name``: the old keyword
+  still works for one release, with a DeprecationWarning; giving both is an error."""
+  if old_value is None:
+    return new_value
+  if new_value is not None:
+    raise ValueError(f"{function}: give {new_name}= only ({old_name}= is its old name)")
+  warnings.warn(f"{function}({old_name}=...) is deprecated; use {new_name}=...",
+                DeprecationWarning, stacklevel=3)
+  return old_value
+
+
+def required(function: str, name: str, value: Any, what: str) -> Any:
+  """``value``, or a ValueError saying ``function`` needs ``name`` (``what`` it is)."""
+  if value is None:
+    raise ValueError(f"{function}: {name} is required ({what})")
   return value

@@ -77,17 +77,19 @@ def test_early_stopping_freezes_the_run_and_records_the_step(plateau_run):
     np.testing.assert_array_equal(res.learning_rate[run][stop:], res.learning_rate[run][stop])
 
 
-def test_early_stopping_transform_and_the_default_loop_do_not_stop_without_val_loss():
+def test_early_stopping_without_a_validation_loss_says_so_instead_of_never_stopping():
   make_tx = lambda lr: optax.chain(optax.inject_hyperparams(optax.adam)(learning_rate=lr),
                                    early_stopping(2, rtol=0.5))
   lrs = jnp.full(2, 1e-2)
   fed, _ = train_grid(TASK, make_tx, lrs, KEYS, steps=40, eval_every=5, feed_val_loss=True)
-  plain, _ = train_grid(TASK, make_tx, lrs, KEYS, steps=40, eval_every=5)
-  assert np.all(fed.stopped_at < 40) and np.all(plain.stopped_at == 40)
-  assert np.all(np.isfinite(plain.train_loss))
+  plain = lambda lr: optax.inject_hyperparams(optax.adam)(learning_rate=lr)
+  alone, _ = train_grid(TASK, plain, lrs, KEYS, steps=40, eval_every=5)
+  assert np.all(fed.stopped_at < 40)
   # Until the stop, the two runs are the same: early_stopping leaves updates alone.
   stop = int(fed.stopped_at.min())
-  np.testing.assert_allclose(fed.train_loss[:, :stop], plain.train_loss[:, :stop], rtol=1e-5)
+  np.testing.assert_allclose(fed.train_loss[:, :stop], alone.train_loss[:, :stop], rtol=1e-5)
+  with pytest.raises(ValueError, match="early_stopping needs the validation loss.*feed_val_loss"):
+    train_grid(TASK, make_tx, lrs, KEYS, steps=40, eval_every=5)
 
 
 QUICK = adaptive_lr.quick_config

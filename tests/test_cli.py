@@ -1,5 +1,6 @@
 """The `metaopt` command end to end on a tiny configuration, and its error handling."""
 
+import csv
 import dataclasses
 import json
 import subprocess
@@ -72,6 +73,15 @@ def test_run_writes_report_results_and_plots(tmp_path, monkeypatch, capsys):
   # LR curves are recorded per step for every method.
   curves = results["curves"]["iris-mlp-12x1-b16-s100"]
   assert all(len(c["learning_rate"][0]) == 100 for c in curves.values())
+  # ... and as CSV (and TensorBoard) next to results.json, for meta-training too.
+  rows = list(csv.DictReader((out / "curves.csv").open()))
+  lr_rows = [r for r in rows if r["metric"] == "learning_rate" and r["method"] == "learned"]
+  assert [int(r["step"]) for r in lr_rows] == list(range(1, 101))
+  assert {r["method"] for r in rows} >= {"constant", "tuned_cosine", "learned"}
+  meta = list(csv.DictReader((out / "meta" / "metrics.csv").open()))
+  assert [int(r["step"]) for r in meta] == [0, 1, 2, 3] and float(meta[0]["meta_loss"]) > -10
+  assert list((out / "tensorboard").glob("events.*")) and list(
+      (out / "meta" / "tensorboard").glob("events.*"))
   # config.json is the resolved configuration: --print-config gives the same text, and
   # --config reads it back to the same configuration.
   printed = tmp_path / "printed.json"

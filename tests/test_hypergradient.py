@@ -310,9 +310,9 @@ def test_current_lr_reads_hypergradient_states():
 @pytest.mark.parametrize("make, match", [
     (lambda: hypergradient_lr(optax.identity(), 0.1, beta=-1.0), r"beta .*got -1\.0"),
     (lambda: hypergradient_adam(1e-3, beta=float("nan")), r"beta .*got nan"),
-    (lambda: hypergradient_sgd(0.0), r"initial_lr .*got 0\.0"),
-    (lambda: hypergradient_adam(-1e-3), r"initial_lr .*got -0\.001"),
-    (lambda: hypergradient_sgd(2.0), r"initial_lr=2\.0 is outside"),
+    (lambda: hypergradient_sgd(0.0), r"learning_rate .*got 0\.0"),
+    (lambda: hypergradient_adam(-1e-3), r"learning_rate .*got -0\.001"),
+    (lambda: hypergradient_sgd(2.0), r"learning_rate=2\.0 is outside"),
     (lambda: hypergradient_adam(1e-3, min_lr=0.5, max_lr=0.1), r"min_lr=0\.5, max_lr=0\.1"),
     (lambda: hypergradient_sgd(0.1, min_lr=-1.0), r"min_lr .*got -1\.0"),
     (lambda: hypergradient_sgd(0.1, momentum=1.5), r"momentum .*got 1\.5"),

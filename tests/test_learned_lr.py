@@ -29,13 +29,13 @@ def quadratic_loss(params):
 def learned(theta=None, **kw):
   theta = random_theta() if theta is None else theta
   return optax.chain(optax.scale_by_adam(eps_root=1e-8),
-                     metaopt.scale_by_learned_lr(CONTROLLER, theta, base_lr=1e-2,
+                     metaopt.scale_by_learned_lr(CONTROLLER, theta, learning_rate=1e-2,
                                                  total_steps=50, **kw))
 
 
 def scheduled(theta=None):
   theta = random_theta() if theta is None else theta
-  sched = metaopt.LearnedLRSchedule(CONTROLLER, theta, base_lr=1e-2, total_steps=50)
+  sched = metaopt.LearnedLRSchedule(CONTROLLER, theta, learning_rate=1e-2, total_steps=50)
   return optax.inject_hyperparams(optax.adam)(learning_rate=sched)
 
 
@@ -52,16 +52,80 @@ def run(tx, steps=20, **extra):
   return params, state, jnp.stack(lrs)
 
 
-def test_chain_and_inject_hyperparams_apply_the_same_lrs():
-  """Same controller, same losses: the schedule form sees no update norm, so
-  compare with a controller whose norm-feature weights are zero."""
-  theta = random_theta(3)
-  kernel = theta["Dense_0"]["kernel"].at[6:8].set(0.0)  # norm features
-  theta = {**theta, "Dense_0": {**theta["Dense_0"], "kernel": kernel}}
-  _, _, lr_chain = run(learned(theta), steps=10)
-  _, _, lr_sched = run(scheduled(theta), steps=10)
-  np.testing.assert_allclose(lr_chain, lr_sched, rtol=1e-5)
+def run_schedule(tx, steps=20):
+  """A loop that feeds a LearnedLRSchedule its two extra args: the loss, and the norm of
+  the previous step's update direction."""
+  params, state, norm, lrs = PARAMS, tx.init(PARAMS), jnp.float32(0.0), []
+  for _ in range(steps):
+    loss, grads = jax.value_and_grad(quadratic_loss)(params)
+    updates, state = tx.update(grads, state, params, value=loss, grad_norm=norm)
+    norm = metaopt.direction_norm(updates, state)
+    params = optax.apply_updates(params, updates)
+    lrs.append(metaopt.current_lr(state))
+  return jnp.stack(lrs)
+
+
+@pytest.mark.parametrize("source", ["random", "shipped"])
+def test_schedule_under_inject_hyperparams_follows_the_chained_transform(source):
+  if source == "shipped":
+    chained = optax.chain(optax.scale_by_adam(), metaopt.pretrained_lr(total_steps=40))
+    schedule = metaopt.LearnedLRSchedule.from_file(total_steps=40)
+  else:
+    theta = random_theta(3)
+    chained = optax.chain(optax.scale_by_adam(), metaopt.scale_by_learned_lr(
+        CONTROLLER, theta, learning_rate=1e-2, total_steps=40))
+    schedule = metaopt.LearnedLRSchedule(CONTROLLER, theta, learning_rate=1e-2, total_steps=40)
+  _, _, lr_chain = run(chained, steps=40)
+  lr_sched = run_schedule(optax.inject_hyperparams(optax.adam)(learning_rate=schedule), steps=40)
+  np.testing.assert_allclose(lr_sched, lr_chain, rtol=1e-4)
   assert float(jnp.std(lr_chain)) > 0  # the LR does move
+
+
+def test_schedule_without_its_extra_args_raises_at_trace_time():
+  tx = scheduled()
+  state = tx.init(PARAMS)   # initializing needs no extra args
+  grads = jax.grad(quadratic_loss)(PARAMS)
+  with pytest.raises(ValueError, match="LearnedLRSchedule needs the training loss"):
+    jax.jit(lambda s: tx.update(grads, s, PARAMS))(state)
+  with pytest.raises(ValueError, match="LearnedLRSchedule needs grad_norm="):
+    jax.jit(lambda s: tx.update(grads, s, PARAMS, value=1.0))(state)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: metaopt.pretrained_lr(total_steps=None), "pretrained_lr: total_steps is required"),
+    (lambda: metaopt.pretrained_lr(total_steps=0), "pretrained_lr: total_steps must be"),
+    (lambda: metaopt.pretrained_lr(total_steps=10, learning_rate=-1.0),
+     "pretrained_lr: learning_rate must be a positive"),
+    (lambda: metaopt.scale_by_learned_lr(CONTROLLER, random_theta(), total_steps=10),
+     "scale_by_learned_lr: learning_rate is required"),
+    (lambda: metaopt.LearnedLRSchedule(CONTROLLER, random_theta(), learning_rate=1e-3,
+                                       total_steps=10, max_lr_factor=float("inf")),
+     "LearnedLRSchedule: max_lr_factor must be a finite number"),
+])
+def test_errors_name_the_function_called(make, match):
+  with pytest.raises(ValueError, match=match):
+    make()
+
+
+def test_a_loss_that_is_not_a_scalar_is_named():
+  tx = learned()
+  with pytest.raises(ValueError, match=r"value must be the scalar training loss, got an array "
+                                       r"of shape \(8,\)"):
+    tx.update(PARAMS, tx.init(PARAMS), PARAMS, value=jnp.ones(8))
+
+
+def test_old_keyword_names_still_work_with_a_deprecation_warning():
+  with pytest.warns(DeprecationWarning, match=r"pretrained_lr\(base_lr=...\) is deprecated"):
+    old = metaopt.pretrained_lr(base_lr=1e-2, total_steps=20)
+  new = metaopt.pretrained_lr(learning_rate=1e-2, total_steps=20)
+  np.testing.assert_array_equal(run(optax.chain(optax.scale_by_adam(), old), 5)[2],
+                                run(optax.chain(optax.scale_by_adam(), new), 5)[2])
+  with pytest.warns(DeprecationWarning, match="initial_lr"):
+    metaopt.hypergradient_adam(initial_lr=1e-3)
+  with pytest.warns(DeprecationWarning, match="base_lr"):
+    metaopt.plateau_lr(base_lr=1e-3)
+  with pytest.raises(ValueError, match="give learning_rate= only"):
+    metaopt.plateau_lr(1e-3, base_lr=1e-3)
 
 
 def test_untrained_controller_keeps_base_lr_and_matches_adam():
@@ -94,7 +158,7 @@ def test_non_finite_loss_never_gives_a_nan_lr(bad):
   # Features stay finite and training recovers on the next good step.
   updates, state = tx.update(grads, state, params, value=quadratic_loss(params))
   assert jnp.isfinite(metaopt.current_lr(state))
-  feats, _ = controller_features(state[1], _spec(CONTROLLER, base_lr=1e-2, min_lr_factor=1e-3,
+  feats, _ = controller_features(state[1], _spec(CONTROLLER, base_lr=1e-2, caller="test", min_lr_factor=1e-3,
                                                  max_lr_factor=10., max_log_change=.25, response_time=.02, min_response_steps=10.),
                                  jnp.asarray(0.7), jnp.asarray(1.0), None)
   assert jnp.all(jnp.isfinite(feats)) and jnp.all(jnp.abs(feats) <= FEATURE_CLIP)
@@ -145,10 +209,10 @@ def test_grad_through_unroll_reaches_theta_and_matches_finite_differences():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(base_lr=0.0, total_steps=10), "base_lr"),
-    (dict(base_lr=-1e-3, total_steps=10), "base_lr"),
-    (dict(base_lr=1e-3, total_steps=0), "total_steps"),
-    (dict(base_lr=1e-3, total_steps=10, min_lr_factor=2.0), "min_lr_factor"),
+    (dict(learning_rate=0.0, total_steps=10), "learning_rate"),
+    (dict(learning_rate=-1e-3, total_steps=10), "learning_rate"),
+    (dict(learning_rate=1e-3, total_steps=0), "total_steps"),
+    (dict(learning_rate=1e-3, total_steps=10, min_lr_factor=2.0), "min_lr_factor"),
 ])
 def test_bad_settings_raise(kwargs, match):
   with pytest.raises(ValueError, match=match):

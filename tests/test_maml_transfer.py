@@ -1,6 +1,7 @@
 """The maml-transfer experiment end to end on a tiny configuration, resume and backbone loading."""
 
 import dataclasses
+import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -104,3 +105,15 @@ def test_tfds_transfer_pools_feed_episodes(tmp_path):
                                     num_query=1)
     support, query = family.sample(jax.random.key(0), 3)
     assert support["x"].shape[:2] == (3, 2) and query["y"].shape == (3, 2)
+
+
+def test_data_dir_without_the_data_extra_names_the_extra_before_any_work(tmp_path, capsys,
+                                                                         monkeypatch):
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "grain" else real(name, *a))
+  out = tmp_path / "runs"
+  assert cli.main(["run", "maml-transfer", "--out", str(out), "--data-dir", str(tmp_path)]) == 2
+  err = capsys.readouterr().err
+  assert 'pip install "metaopt[data]"' in err and "missing: grain" in err
+  assert err.count("\n") == 1 and not out.exists()

@@ -6,6 +6,8 @@ import numpy as np
 import optax
 import pytest
 
+import metaopt
+
 from metaopt.schedules import PlateauState, plateau_lr, should_stop
 
 PARAMS = {"w": jnp.array([1.0, -2.0, 3.0]), "b": jnp.array(0.5, jnp.float32)}
@@ -122,9 +124,40 @@ def test_steps_without_a_new_evaluation_leave_the_state_unchanged():
   assert float(state.learning_rate) == pytest.approx(1e-3)  # evals 2 and 3 did not improve
   assert bool(state.stop)
   # The Python-level forms pass through too.
-  for kwargs in (dict(), dict(val_loss=5.0, new_eval=False), dict(value=jnp.float32(9.0))):
+  for kwargs in (dict(new_eval=False), dict(val_loss=5.0, new_eval=False),
+                 dict(value=jnp.float32(9.0), new_eval=False)):
     _, same = tx.update(ONES, state, PARAMS, **kwargs)
     assert tree_equal(same, state)
+  with pytest.raises(ValueError, match="plateau_lr needs a metric to watch"):
+    tx.update(ONES, state, PARAMS)
+
+
+def test_value_is_the_metric_when_no_val_loss_is_given_as_in_optax():
+  """optax.contrib.reduce_on_plateau reads value=; so does plateau_lr, unless a
+  val_loss is given too (then value is the training loss and is ignored)."""
+  tx = plateau_lr(0.1, patience=1, early_stopping_patience=None)
+  state = tx.init(PARAMS)
+  for loss in (1.0, 1.0, 1.0):
+    _, state = tx.update(ONES, state, PARAMS, value=jnp.float32(loss))
+  assert int(state.evals) == 3 and float(state.learning_rate) == pytest.approx(1e-3)
+  state = tx.init(PARAMS)
+  for val_loss in (3.0, 2.0, 1.0):  # improving: the constant training loss is not read
+    _, state = tx.update(ONES, state, PARAMS, value=jnp.float32(1.0),
+                         val_loss=jnp.float32(val_loss))
+  assert int(state.evals) == 3 and float(state.learning_rate) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_metrics_never_improve_in_plateau_and_early_stopping(bad):
+  plateau = plateau_lr(0.1, patience=2, early_stopping_patience=2)
+  stopper = metaopt.early_stopping(2)
+  for tx in (plateau, stopper):
+    state = tx.init(PARAMS)
+    for loss in (1.0, bad, bad):
+      _, state = tx.update(ONES, state, PARAMS, val_loss=jnp.float32(loss))
+    assert bool(should_stop(state)), tx
+  _, state = plateau.update(ONES, plateau.init(PARAMS), PARAMS, val_loss=jnp.float32(bad))
+  assert int(state.nan_evals) == 1 and float(state.plateau.best_value) == np.inf
 
 
 def test_should_stop_finds_the_state_inside_a_chain_and_under_vmap():
@@ -225,9 +258,9 @@ def test_inside_optax_chain_and_scan(name):
     (lambda: plateau_lr(0.1, patience=2.5), r"patience .*got 2\.5"),
     (lambda: plateau_lr(0.1, cooldown=-1), r"cooldown .*got -1"),
     (lambda: plateau_lr(0.1, early_stopping_patience=0), r"early_stopping_patience .*got 0"),
-    (lambda: plateau_lr(1e-3, min_lr=1e-2), r"min_lr=0\.01 must not exceed base_lr=0\.001"),
-    (lambda: plateau_lr(0.0), r"base_lr .*got 0\.0"),
-    (lambda: plateau_lr(0.1, rtol=-0.1), r"rtol = -0\.1"),
+    (lambda: plateau_lr(1e-3, min_lr=1e-2), r"min_lr=0\.01 must not exceed learning_rate=0\.001"),
+    (lambda: plateau_lr(0.0), r"learning_rate .*got 0\.0"),
+    (lambda: plateau_lr(0.1, rtol=-0.1), r"rtol .*got -0\.1"),
 ])
 def test_bad_settings_raise_naming_the_value(make, match):
   with pytest.raises(ValueError, match=match):
@@ -240,5 +273,5 @@ def test_non_scalar_metric_raises():
     tx.update(ONES, tx.init(PARAMS), PARAMS, val_loss=jnp.ones(3))
   with pytest.raises(ValueError, match=r"new_eval must be a scalar bool, got shape \(2,\)"):
     tx.update(ONES, tx.init(PARAMS), PARAMS, val_loss=1.0, new_eval=jnp.array([True, False]))
-  with pytest.raises(ValueError, match="new_eval was given without val_loss"):
+  with pytest.raises(ValueError, match="plateau_lr needs a metric to watch"):
     tx.update(ONES, tx.init(PARAMS), PARAMS, new_eval=True)

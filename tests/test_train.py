@@ -9,7 +9,6 @@ import optax
 import pytest
 
 import metaopt
-from metaopt.schedules import learned_lr
 from metaopt.schedules.baselines import SCHEDULES, adam_with_schedule, unit_schedule
 from metaopt.tasks import TaskConfig, make_task
 from metaopt.train import make_train_fn, run_loop, train_grid
@@ -57,26 +56,12 @@ def test_bad_names_and_lengths_raise():
     make_train_fn(TASK, adam_with_schedule("constant", 10), steps=10, eval_every=3)
 
 
-def test_controller_save_load_round_trip(tmp_path):
-  controller = metaopt.LRController(hidden=(4,))
-  theta = jax.tree.map(lambda x: x + 0.5, metaopt.init_controller(jax.random.key(1), controller))
-  settings = dict(min_lr_factor=0.1, max_lr_factor=3.0, max_log_change=0.2,
-                  response_time=0.05, min_response_steps=5.0)
-  learned_lr.save_controller(theta, tmp_path, hidden=(4,), settings=settings)
-  loaded, theta2, config = learned_lr.load_controller(tmp_path)
-  assert loaded.hidden == (4,) and config["settings"] == settings
-  jax.tree.map(np.testing.assert_array_equal, theta, theta2)
-
-
-def test_missing_controller_files_name_the_path(tmp_path):
-  with pytest.raises(FileNotFoundError, match=str(tmp_path)):
-    learned_lr.load_controller(tmp_path)
 
 
 def test_pretrained_controller_trains_a_task():
   steps = 40
   make_tx = lambda _: optax.chain(optax.scale_by_adam(),
-                                  metaopt.pretrained_lr(base_lr=1e-2, total_steps=steps))
+                                  metaopt.pretrained_lr(learning_rate=1e-2, total_steps=steps))
   res, _ = train_grid(TASK, make_tx, jnp.zeros(1), jax.random.PRNGKey(0)[None],
                       steps=steps, eval_every=10)
   lr = res.learning_rate[0]

@@ -22,8 +22,9 @@ import numpy as np
 import optax
 
 from metaopt import estimators
-from metaopt.schedules import (LRController, current_lr, init_controller,
+from metaopt.schedules import (LRController, current_lr, init_controller, save_controller,
                                scale_by_learned_lr, with_theta)
+from metaopt.schedules.learned_lr import DEFAULT_SETTINGS
 from metaopt.tasks import TaskFamily, make_task, task_family
 from metaopt.train import run_loop
 from metaopt.unroll import InnerProblem
@@ -43,20 +44,20 @@ class MetaLRConfig:
   meta_steps: int = 300
   meta_lr: float = 3e-3
   clip_norm: float = 1.0         # global-norm clip of the meta-gradient
-  base_lr: float = 1e-3
+  learning_rate: float = 1e-3     # the LR an untrained controller keeps; bounds are relative to it
   hidden: tuple[int, ...] = (32, 32)
-  min_lr_factor: float = 1e-2
-  max_lr_factor: float = 10.0
-  max_log_change: float = 0.25
-  response_time: float = 0.02
-  min_response_steps: float = 10.0
+  min_lr_factor: float = DEFAULT_SETTINGS["min_lr_factor"]
+  max_lr_factor: float = DEFAULT_SETTINGS["max_lr_factor"]
+  max_log_change: float = DEFAULT_SETTINGS["max_log_change"]
+  response_time: float = DEFAULT_SETTINGS["response_time"]
+  min_response_steps: float = DEFAULT_SETTINGS["min_response_steps"]
   checkpoint_every: int = 50
   seed: int = 0
 
   def __post_init__(self):
     for name in ("lanes", "population", "segment_length", "meta_steps", "checkpoint_every"):
       check_int(name, getattr(self, name))
-    for name in ("meta_lr", "clip_norm", "base_lr"):
+    for name in ("meta_lr", "clip_norm", "learning_rate"):
       check_positive(name, getattr(self, name))
     if not isinstance(self.family, TaskFamily):
       raise ValueError(f"family must be a TaskFamily (metaopt.tasks.task_family), "
@@ -71,7 +72,8 @@ class MetaLRConfig:
 
   @property
   def settings(self) -> dict:
-    """Keyword arguments of :func:`scale_by_learned_lr` besides base_lr/total_steps."""
+    """Keyword arguments of :func:`scale_by_learned_lr` besides learning_rate and
+    total_steps: the controller runs with these wherever it is deployed."""
     return dict(min_lr_factor=self.min_lr_factor, max_lr_factor=self.max_lr_factor,
                 max_log_change=self.max_log_change, response_time=self.response_time,
                 min_response_steps=self.min_response_steps)
@@ -88,7 +90,7 @@ def learned_lr_tx(controller, theta, config: MetaLRConfig, total_steps):
   """Adam directions scaled by the learned LR (``eps_root`` keeps meta-grads finite)."""
   return optax.chain(
       optax.scale_by_adam(eps_root=1e-8),
-      scale_by_learned_lr(controller, theta, base_lr=config.base_lr,
+      scale_by_learned_lr(controller, theta, learning_rate=config.learning_rate,
                           total_steps=total_steps, **config.settings))
 
 
@@ -154,6 +156,15 @@ class MetaTrainResult(NamedTuple):
   skipped_members: int  # inner runs whose meta-gradient was non-finite, dropped
   skipped_steps: int    # meta steps with no finite meta-gradient at all
   seconds: float       # meta-training wall time, resumed runs included
+  config: Optional["MetaLRConfig"] = None
+
+  def save(self, path, *, info: Optional[dict] = None):
+    """Writes the controller with the settings and LR it was trained with
+    (:func:`metaopt.save_controller`), for :func:`metaopt.pretrained_lr` (``path=``)."""
+    return save_controller(path, self.theta, settings=self.config.settings,
+                           hidden=self.config.hidden, learning_rate=self.config.learning_rate,
+                           info={"meta_steps": self.config.meta_steps, "seed": self.config.seed,
+                                 **(info or {})})
 
 
 class MetaTrainer:
@@ -301,7 +312,7 @@ class MetaTrainer:
                       postfix=postfix, stop_after=stop_after)
     return MetaTrainResult(result.state["theta"], self.controller, result.history,
                            result.record["skipped_members"], result.record["skipped_steps"],
-                           result.seconds)
+                           result.seconds, self.config)
 
 
 def meta_train(config: MetaLRConfig, out_dir: Optional[str] = None, *,

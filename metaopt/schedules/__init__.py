@@ -14,6 +14,8 @@ from metaopt.schedules.learned_lr import (
     LearnedLRSchedule,
     LearnedLRState,
     LRController,
+    SavedController,
+    direction_norm,
     init_controller,
     load_controller,
     pretrained_lr,
@@ -24,7 +26,7 @@ from metaopt.schedules.learned_lr import (
 from metaopt.schedules.plateau import EarlyStoppingState, PlateauState, early_stopping, plateau_lr
 
 __all__ = [
-    "FEATURE_NAMES", "LRController", "LearnedLRSchedule", "LearnedLRState", "init_controller",
+    "FEATURE_NAMES", "LRController", "SavedController", "direction_norm", "LearnedLRSchedule", "LearnedLRState", "init_controller",
     "load_controller", "pretrained_lr", "save_controller", "scale_by_learned_lr", "with_theta",
     "HypergradientAdamState", "HypergradientState", "hypergradient_adam", "hypergradient_lr",
     "hypergradient_sgd",

@@ -13,7 +13,7 @@ the LR gives
   ``lr_t = lr_{t-1} * (1 + beta * <g_t, u_{t-1}> / (|g_t| |u_{t-1}| + tiny))``,
 
 so the LR grows while consecutive steps agree and shrinks when they oscillate.
-``u_0 = 0``: the first step uses ``initial_lr``.
+``u_0 = 0``: the first step uses the initial ``learning_rate``.
 
 Two implementations:
 
@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import optax
 
 from metaopt.schedules.common import scale_by_lr
-from metaopt.validation import check_number
+from metaopt.validation import check_number, renamed, required
 
 PyTree = Any
 _TINY = 1e-12  # keeps the multiplicative rule's normalization finite when u_{t-1} = 0
@@ -65,18 +65,24 @@ class _Rule(NamedTuple):
   multiplicative: bool
 
 
-def _rule(initial_lr, *, beta, min_lr, max_lr, multiplicative) -> _Rule:
+def _rule(learning_rate, *, beta, min_lr, max_lr, multiplicative, caller: str) -> _Rule:
   """The update rule; concrete values are checked, traced ones (``inject_hyperparams``,
-  ``jit``) are taken as they are."""
-  lr = check_number("initial_lr", initial_lr, low=0.0, low_open=True, traced_ok=True)
-  b = check_number("beta", beta, low=0.0, traced_ok=True)
-  low = check_number("min_lr", min_lr, low=0.0, traced_ok=True)
-  high = check_number("max_lr", max_lr, low=0.0, traced_ok=True)
+  ``jit``) are taken as they are. Errors name ``caller``, the function the user called."""
+  required(caller, "learning_rate", learning_rate, "the initial LR")
+  try:
+    lr = check_number("learning_rate", learning_rate, low=0.0, low_open=True, traced_ok=True)
+    b = check_number("beta", beta, low=0.0, traced_ok=True)
+    low = check_number("min_lr", min_lr, low=0.0, traced_ok=True)
+    high = check_number("max_lr", max_lr, low=0.0, traced_ok=True)
+  except ValueError as e:
+    raise ValueError(f"{caller}: {e}") from None
   if low is not None and high is not None and low > high:
-    raise ValueError(f"need min_lr <= max_lr, got min_lr={min_lr!r}, max_lr={max_lr!r}")
+    raise ValueError(f"{caller}: need min_lr <= max_lr, got min_lr={min_lr!r}, "
+                     f"max_lr={max_lr!r}")
   if lr is not None and low is not None and high is not None and not low <= lr <= high:
-    raise ValueError(f"initial_lr={initial_lr!r} is outside [min_lr={min_lr!r}, "
-                     f"max_lr={max_lr!r}]; widen the bounds or change initial_lr")
+    raise ValueError(f"{caller}: learning_rate={learning_rate!r} is outside "
+                     f"[min_lr={min_lr!r}, max_lr={max_lr!r}]; widen the bounds or change "
+                     "learning_rate")
   given = lambda checked, value: value if checked is None else checked
   return _Rule(given(b, beta), given(low, min_lr), given(high, max_lr), bool(multiplicative))
 
@@ -134,12 +140,13 @@ def _zero_after(x: jax.Array) -> jax.Array:
 
 def hypergradient_lr(
     direction: Union[optax.GradientTransformation, optax.GradientTransformationExtraArgs],
-    initial_lr: float,
+    learning_rate: Optional[float] = None,
     *,
-    beta: float,
+    beta: Optional[float] = None,
     min_lr: float = 1e-8,
     max_lr: float = 1.0,
     multiplicative: bool = False,
+    initial_lr: Optional[float] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Scales ``direction``'s output by ``-lr``, with ``lr`` learned by hypergradient descent.
 
@@ -159,23 +166,34 @@ def hypergradient_lr(
     direction: the transform giving ``u`` from the gradient, e.g.
       ``optax.scale_by_adam()``, ``optax.trace(0.9)`` or ``optax.identity()``.
       Extra args of ``update`` are passed on to it.
-    initial_lr: ``lr_0``, in ``[min_lr, max_lr]``.
+    learning_rate: ``lr_0``, in ``[min_lr, max_lr]``.
     beta: the hypergradient step size (the LR's LR), ``>= 0``; ``0`` keeps
-      ``initial_lr``.
+      ``learning_rate``.
     min_lr, max_lr: bounds the LR is clipped to after every change.
     multiplicative: use the normalized multiplicative rule.
+    initial_lr: the old name of ``learning_rate`` (deprecated).
 
   A non-finite hypergradient (a NaN or inf in ``g_t`` or ``u_{t-1}``) leaves
   the LR unchanged. The current LR is ``state.learning_rate`` (also found by
   ``optax.tree_utils.tree_get(state, "learning_rate")``).
   """
-  rule = _rule(initial_lr, beta=beta, min_lr=min_lr, max_lr=max_lr,
-               multiplicative=multiplicative)
+  learning_rate = renamed("hypergradient_lr", "learning_rate", learning_rate, "initial_lr",
+                          initial_lr)
+  required("hypergradient_lr", "beta", beta, "the hypergradient step size")
+  return _hypergradient_lr(direction, learning_rate, beta=beta, min_lr=min_lr, max_lr=max_lr,
+                           multiplicative=multiplicative, caller="hypergradient_lr")
+
+
+def _hypergradient_lr(direction, learning_rate, *, beta, min_lr, max_lr, multiplicative,
+                      caller: str) -> optax.GradientTransformationExtraArgs:
+  """:func:`hypergradient_lr`, with errors naming ``caller``."""
+  rule = _rule(learning_rate, beta=beta, min_lr=min_lr, max_lr=max_lr,
+               multiplicative=multiplicative, caller=caller)
   direction = optax.with_extra_args_support(direction)
 
   def init_fn(params):
     return HypergradientState(
-        learning_rate=jnp.asarray(initial_lr, jnp.float32),
+        learning_rate=jnp.asarray(learning_rate, jnp.float32),
         hypergradient=jnp.zeros((), jnp.float32),
         prev_direction=_zeros(params),
         direction_state=direction.init(params))
@@ -200,7 +218,7 @@ def hypergradient_lr(
 
 
 def hypergradient_sgd(
-    initial_lr: float,
+    learning_rate: Optional[float] = None,
     *,
     beta: float = 1e-3,
     momentum: Optional[float] = None,
@@ -208,25 +226,32 @@ def hypergradient_sgd(
     min_lr: float = 1e-8,
     max_lr: float = 1.0,
     multiplicative: bool = False,
+    initial_lr: Optional[float] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """SGD-HD (no momentum) and SGDN-HD (``momentum > 0, nesterov=True``).
 
   :func:`hypergradient_lr` around ``optax.trace(momentum, nesterov)``, or
   around the identity when ``momentum`` is ``None`` or a Python ``0``.
-  ``beta=1e-3`` is the paper's value for its MLP experiments.
+  ``beta=1e-3`` is the paper's value for its MLP experiments. ``initial_lr``: the old
+  name of ``learning_rate`` (deprecated).
   """
-  check_number("momentum", momentum if momentum is not None else 0.0, low=0.0, high=1.0,
-               high_open=True, traced_ok=True)
+  learning_rate = renamed("hypergradient_sgd", "learning_rate", learning_rate, "initial_lr",
+                          initial_lr)
+  try:
+    check_number("momentum", momentum if momentum is not None else 0.0, low=0.0, high=1.0,
+                 high_open=True, traced_ok=True)
+  except ValueError as e:
+    raise ValueError(f"hypergradient_sgd: {e}") from None
   if momentum is None or (isinstance(momentum, (int, float)) and momentum == 0):
     direction = optax.identity()
   else:
     direction = optax.trace(decay=momentum, nesterov=nesterov)
-  return hypergradient_lr(direction, initial_lr, beta=beta, min_lr=min_lr, max_lr=max_lr,
-                          multiplicative=multiplicative)
+  return _hypergradient_lr(direction, learning_rate, beta=beta, min_lr=min_lr, max_lr=max_lr,
+                           multiplicative=multiplicative, caller="hypergradient_sgd")
 
 
 def hypergradient_adam(
-    initial_lr: float,
+    learning_rate: Optional[float] = None,
     *,
     beta: float = 1e-7,
     b1: float = 0.9,
@@ -236,6 +261,7 @@ def hypergradient_adam(
     min_lr: float = 1e-8,
     max_lr: float = 1.0,
     multiplicative: bool = False,
+    initial_lr: Optional[float] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Adam-HD, fused into a single pass over the parameters. A complete optimizer.
 
@@ -250,33 +276,36 @@ def hypergradient_adam(
 
   **One-step lag.** On the same gradient sequence, this LR at step ``t + 1``
   equals the exact rule's LR at step ``t`` (:func:`hypergradient_lr` around
-  ``optax.scale_by_adam``), so ``lr_1 = lr_2 = initial_lr``. The hypergradient
+  ``optax.scale_by_adam``), so ``lr_1 = lr_2 = learning_rate``. The hypergradient
   ``h_t`` is not yet applied after step ``t``: it is in
   ``state.hypergradient``. With ``beta = 1e-7`` the LR moves slowly, and the
   lag changes little. The lag is what lets the whole update be one pass: the
   exact rule must finish the reduction before it can scale ``u_t``.
 
   Args:
-    initial_lr: ``lr_0``, in ``[min_lr, max_lr]``.
+    learning_rate: ``lr_0``, in ``[min_lr, max_lr]``.
     beta: hypergradient step size; ``1e-7`` is the paper's value for its MLPs.
     b1, b2, eps, eps_root: as in ``optax.adam``; ``eps_root > 0`` to
       differentiate through the update.
     min_lr, max_lr: bounds the LR is clipped to.
     multiplicative: normalized multiplicative rule (``h`` is then the cosine
       of ``g_t`` and ``u_{t-1}``).
+    initial_lr: the old name of ``learning_rate`` (deprecated).
 
   A non-finite ``h`` leaves the LR unchanged. With ``beta=0`` this is
-  ``optax.adam(initial_lr)``.
+  ``optax.adam(learning_rate)``.
   """
-  rule = _rule(initial_lr, beta=beta, min_lr=min_lr, max_lr=max_lr,
-               multiplicative=multiplicative)
+  learning_rate = renamed("hypergradient_adam", "learning_rate", learning_rate, "initial_lr",
+                          initial_lr)
+  rule = _rule(learning_rate, beta=beta, min_lr=min_lr, max_lr=max_lr,
+               multiplicative=multiplicative, caller="hypergradient_adam")
 
   def init_fn(params):
     return HypergradientAdamState(
         count=jnp.zeros((), jnp.int32),
         mu=_zeros(params),
         nu=_zeros(params),
-        learning_rate=jnp.asarray(initial_lr, jnp.float32),
+        learning_rate=jnp.asarray(learning_rate, jnp.float32),
         hypergradient=jnp.zeros((), jnp.float32))
 
   def update_fn(updates, state, params=None, **extra_args):

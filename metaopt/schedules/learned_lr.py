@@ -3,6 +3,12 @@
 The controller is a small Flax MLP over scale-free training-state features. Its
 weights ``theta`` live in the optimizer state, so ``jax.grad`` through an unroll
 of training steps reaches them.
+
+A controller travels as a folder of two files (:func:`save_controller`,
+:func:`load_controller`): ``lr_controller.msgpack`` (the weights) and
+``lr_controller.json`` (format version, network shape, feature names, the LR
+and the bounds it was trained with). :func:`pretrained_lr` deploys one, by
+default the controller shipped with metaopt.
 """
 
 from __future__ import annotations
@@ -18,8 +24,8 @@ import jax.numpy as jnp
 import optax
 from flax import serialization
 
-from metaopt.schedules.common import scale_by_lr
-from metaopt.validation import check_number, check_positive
+from metaopt.schedules.common import current_lr, scale_by_lr
+from metaopt.validation import check_int, check_number, check_positive, renamed, required
 
 PyTree = Any
 
@@ -41,6 +47,11 @@ FEATURE_NAMES = (
     "log_val_vs_train",       # log(val loss / train-loss EMA): generalization gap
 )
 NUM_FEATURES = len(FEATURE_NAMES)
+# The bounds and response of the LR, shared by meta-training (MetaLRConfig) and
+# deployment: a controller runs with the settings it was trained with.
+DEFAULT_SETTINGS = dict(min_lr_factor=1e-2, max_lr_factor=10.0, max_log_change=0.25,
+                        response_time=0.02, min_response_steps=10.0)
+SETTINGS = tuple(DEFAULT_SETTINGS)
 FEATURE_CLIP = 5.0
 _TINY = 1e-12
 
@@ -109,10 +120,21 @@ def _controller_apply(controller) -> Callable[[PyTree, jax.Array], jax.Array]:
 
 
 def _spec(controller, *, base_lr, min_lr_factor, max_lr_factor, max_log_change,
-          response_time, min_response_steps):
+          response_time, min_response_steps, caller: str):
   """Concrete settings are checked and kept as Python floats (so float32 runs are
-  bit for bit what they were); traced ones are taken as float32 arrays."""
-  base = check_positive("base_lr", base_lr, traced_ok=True)
+  bit for bit what they were); traced ones are taken as float32 arrays. Errors
+  name ``caller``, the function the user called."""
+  try:
+    return _checked_spec(controller, base_lr=base_lr, min_lr_factor=min_lr_factor,
+                         max_lr_factor=max_lr_factor, max_log_change=max_log_change,
+                         response_time=response_time, min_response_steps=min_response_steps)
+  except ValueError as e:
+    raise ValueError(f"{caller}: {e}") from None
+
+
+def _checked_spec(controller, *, base_lr, min_lr_factor, max_lr_factor, max_log_change,
+                  response_time, min_response_steps):
+  base = check_positive("learning_rate", base_lr, traced_ok=True)
   change = check_positive("max_log_change", max_log_change, traced_ok=True)
   response = check_positive("response_time", response_time, traced_ok=True)
   min_steps = check_number("min_response_steps", min_response_steps, low=1.0, traced_ok=True)
@@ -252,23 +274,36 @@ def advance(state: LearnedLRState, spec: ControllerSpec, *, loss, norm=None,
   return LearnedLRState(state.theta, new_f, new_lr.astype(jnp.float32))
 
 
+def _training_loss(value, caller: str) -> jax.Array:
+  """The ``value`` extra arg as a scalar; an error naming ``caller`` when it is missing."""
+  if value is None:
+    raise ValueError(f"{caller} needs the training loss at every step: call "
+                     "tx.update(updates, state, params, value=loss)")
+  value = jnp.asarray(value)
+  if value.shape != ():
+    raise ValueError(f"{caller}: value must be the scalar training loss, got an array of "
+                     f"shape {value.shape}")
+  return value
+
+
 def scale_by_learned_lr(
     controller: Union[nn.Module, Callable[[PyTree, jax.Array], jax.Array]],
     theta: PyTree,
     *,
-    base_lr: float,
-    total_steps,
-    min_lr_factor: float = 1e-3,
-    max_lr_factor: float = 10.0,
-    max_log_change: float = 0.25,
-    response_time: float = 0.02,
-    min_response_steps: float = 10.0,
+    learning_rate: Optional[float] = None,
+    total_steps=None,
+    min_lr_factor: float = DEFAULT_SETTINGS["min_lr_factor"],
+    max_lr_factor: float = DEFAULT_SETTINGS["max_lr_factor"],
+    max_log_change: float = DEFAULT_SETTINGS["max_log_change"],
+    response_time: float = DEFAULT_SETTINGS["response_time"],
+    min_response_steps: float = DEFAULT_SETTINGS["min_response_steps"],
+    base_lr: Optional[float] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Scales updates by ``-lr``, with ``lr`` chosen each step by a learned controller.
 
   Chain it after a direction, as ``optax.scale_by_learning_rate`` would be:
   ``optax.chain(optax.scale_by_adam(), scale_by_learned_lr(...))``. The LR is
-  ``base_lr * exp(z)`` with ``z`` in ``[log(min_lr_factor), log(max_lr_factor)]``;
+  ``learning_rate * exp(z)`` with ``z`` in ``[log(min_lr_factor), log(max_lr_factor)]``;
   ``z`` follows the controller's target with a time constant of
   ``max(min_response_steps, response_time * total_steps)`` steps and changes by
   at most ``max_log_change`` per step.
@@ -277,21 +312,33 @@ def scale_by_learned_lr(
     controller: an :class:`LRController` (any flax Module mapping the
       :data:`FEATURE_NAMES` vector to a scalar) or ``apply(theta, features)``.
     theta: the controller's weights; they are kept in the state.
-    base_lr: the LR of an untrained controller; bounds are relative to it.
+    learning_rate: the LR of an untrained controller; bounds are relative to it.
     total_steps: training length, for the fraction-done feature.
-    min_lr_factor, max_lr_factor: bounds of ``lr / base_lr``.
+    min_lr_factor, max_lr_factor: bounds of ``lr / learning_rate``.
     max_log_change: bound on ``|log(lr_t / lr_{t-1})|``.
     response_time, min_response_steps: how fast the LR follows the controller.
+    base_lr: the old name of ``learning_rate`` (deprecated).
 
-  ``update`` takes the training loss as keyword ``value`` (required) and an
-  optional ``val_loss``; other extra args are ignored. The numeric settings may
-  be traced (``optax.inject_hyperparams`` with ``static_args=("controller",)``,
-  ``jax.grad``); concrete ones are checked here.
+  ``update`` takes the training loss as keyword ``value`` (required: without it
+  the update raises) and an optional ``val_loss``; other extra args are ignored.
+  The numeric settings may be traced (``optax.inject_hyperparams`` with
+  ``static_args=("controller",)``, ``jax.grad``); concrete ones are checked here.
   """
-  spec = _spec(controller, base_lr=base_lr, min_lr_factor=min_lr_factor,
-               max_lr_factor=max_lr_factor, max_log_change=max_log_change,
-               response_time=response_time, min_response_steps=min_response_steps)
-  check_positive("total_steps", total_steps, traced_ok=True)
+  learning_rate = renamed("scale_by_learned_lr", "learning_rate", learning_rate, "base_lr",
+                          base_lr)
+  return _learned_lr(controller, theta, learning_rate=learning_rate, total_steps=total_steps,
+                     min_lr_factor=min_lr_factor, max_lr_factor=max_lr_factor,
+                     max_log_change=max_log_change, response_time=response_time,
+                     min_response_steps=min_response_steps, caller="scale_by_learned_lr")
+
+
+def _learned_lr(controller, theta, *, learning_rate, total_steps, caller: str,
+                **settings) -> optax.GradientTransformationExtraArgs:
+  """:func:`scale_by_learned_lr`, with errors naming ``caller``."""
+  required(caller, "learning_rate", learning_rate, "the LR an untrained controller keeps")
+  required(caller, "total_steps", total_steps, "the length of the training run")
+  spec = _spec(controller, base_lr=learning_rate, caller=caller, **settings)
+  _check_total_steps(total_steps, caller)
 
   def init_fn(params):
     del params
@@ -299,12 +346,13 @@ def scale_by_learned_lr(
 
   def update_fn(updates, state, params=None, *, value=None, val_loss=None, **extra_args):
     del params, extra_args
-    if value is None:
-      raise ValueError("scale_by_learned_lr needs the training loss: "
-                       "call update(updates, state, params, value=loss)")
+    loss = _training_loss(value, caller)
+    if any(not jnp.issubdtype(u.dtype, jnp.inexact) for u in jax.tree.leaves(updates)):
+      raise ValueError(f"{caller}: updates must be floating point, got dtypes "
+                       f"{sorted({str(u.dtype) for u in jax.tree.leaves(updates)})}")
     # The norm feature uses the previous step's update: this step's norm then
     # needs no pass over the parameters before the scaling, and fuses with it.
-    state = advance(state, spec, loss=value, norm=state.features.last_norm,
+    state = advance(state, spec, loss=loss, norm=state.features.last_norm,
                     val_loss=val_loss)
     # float32 whatever the updates' dtype, so the state's types never change;
     # half-precision updates are summed in float32 (their squares overflow float16).
@@ -316,24 +364,59 @@ def scale_by_learned_lr(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _check_total_steps(total_steps, caller: str) -> None:
+  try:
+    check_positive("total_steps", total_steps, traced_ok=True)
+  except ValueError as e:
+    raise ValueError(f"{caller}: {e} (the length of the training run)") from None
+
+
 class LearnedLRSchedule(optax.schedules.StatefulSchedule):
   """The learned controller as an optax stateful schedule.
 
   ``optax.inject_hyperparams(optax.adamw)(learning_rate=LearnedLRSchedule(...))``
-  then feeds it the extra args of each update: ``value`` (training loss,
-  required for the LR to move), optional ``val_loss`` and ``grad_norm``.
+  feeds it the extra args of each update. It needs two at every step (an update
+  without them raises):
+
+  - ``value``: the training loss;
+  - ``grad_norm``: the norm of the previous step's update direction, which
+    :func:`scale_by_learned_lr` tracks itself but a schedule cannot see:
+    ``metaopt.direction_norm(updates, opt_state)`` after each update (``0.0`` at
+    the first step). With it, the LRs equal those of ``optax.chain(direction,
+    scale_by_learned_lr(...))`` on the same run.
+
+  ``val_loss`` is optional. :meth:`from_file` builds one from a saved controller.
   """
 
-  def __init__(self, controller, theta, *, base_lr: float, total_steps,
-               min_lr_factor: float = 1e-3, max_lr_factor: float = 10.0,
-               max_log_change: float = 0.25, response_time: float = 0.02,
-               min_response_steps: float = 10.0):
-    self.spec = _spec(controller, base_lr=base_lr, min_lr_factor=min_lr_factor,
+  def __init__(self, controller, theta, *, learning_rate: Optional[float] = None,
+               total_steps=None,
+               min_lr_factor: float = DEFAULT_SETTINGS["min_lr_factor"],
+               max_lr_factor: float = DEFAULT_SETTINGS["max_lr_factor"],
+               max_log_change: float = DEFAULT_SETTINGS["max_log_change"],
+               response_time: float = DEFAULT_SETTINGS["response_time"],
+               min_response_steps: float = DEFAULT_SETTINGS["min_response_steps"],
+               base_lr: Optional[float] = None):
+    name = "LearnedLRSchedule"
+    learning_rate = renamed(name, "learning_rate", learning_rate, "base_lr", base_lr)
+    required(name, "learning_rate", learning_rate, "the LR an untrained controller keeps")
+    required(name, "total_steps", total_steps, "the length of the training run")
+    self.spec = _spec(controller, base_lr=learning_rate, min_lr_factor=min_lr_factor,
                       max_lr_factor=max_lr_factor, max_log_change=max_log_change,
-                      response_time=response_time, min_response_steps=min_response_steps)
-    check_positive("total_steps", total_steps, traced_ok=True)
+                      response_time=response_time, min_response_steps=min_response_steps,
+                      caller=name)
+    _check_total_steps(total_steps, name)
     self.theta = theta
     self.total_steps = total_steps
+
+  @classmethod
+  def from_file(cls, path=None, *, total_steps, learning_rate: Optional[float] = None
+                ) -> "LearnedLRSchedule":
+    """The controller saved at ``path`` (default: the one shipped with metaopt), with
+    the settings it was trained with; ``learning_rate`` defaults to its training LR."""
+    saved = load_controller(path)
+    return cls(saved.controller, saved.theta, total_steps=total_steps,
+               learning_rate=saved.learning_rate if learning_rate is None else learning_rate,
+               **saved.settings)
 
   def init(self) -> LearnedLRState:
     return init_lr_state(self.theta, base_lr=self.spec.base_lr,
@@ -342,16 +425,29 @@ class LearnedLRSchedule(optax.schedules.StatefulSchedule):
   def update(self, state: LearnedLRState, *, value=None, val_loss=None,
              grad_norm=None, **extra_args) -> LearnedLRState:
     del extra_args
-    if value is None:  # nothing to react to: hold the LR, still count the step
-      f = state.features
-      return state._replace(features=f._replace(count=f.count + 1))
-    return advance(state, self.spec, loss=value, norm=grad_norm, val_loss=val_loss)
+    loss = _training_loss(value, "LearnedLRSchedule")
+    if grad_norm is None:
+      raise ValueError(
+          "LearnedLRSchedule needs grad_norm= at every step: the norm of the previous "
+          "step's update direction, metaopt.direction_norm(updates, opt_state) (0.0 at "
+          "the first step); or chain metaopt.scale_by_learned_lr after the direction, "
+          "which tracks it itself")
+    return advance(state, self.spec, loss=loss, norm=grad_norm, val_loss=val_loss)
 
   def __call__(self, state: LearnedLRState, **extra_args) -> jax.Array:
-    # Weakly typed, like optax's own schedules: inject_hyperparams then casts it
-    # to the params' dtype, so bfloat16 updates stay bfloat16 (a strong float32
-    # LR would upcast them). For float32 params the value is unchanged.
-    return jax.lax.full_like(0.0, self.update(state, **extra_args).learning_rate)
+    # Called without extra args only when inject_hyperparams initializes: the
+    # initial LR. Weakly typed, like optax's own schedules: inject_hyperparams then
+    # casts it to the params' dtype, so bfloat16 updates stay bfloat16.
+    lr = state.learning_rate if not extra_args else self.update(state, **extra_args).learning_rate
+    return jax.lax.full_like(0.0, lr)
+
+
+def direction_norm(updates: PyTree, opt_state: PyTree) -> jax.Array:
+  """The norm of the update direction of the step that produced ``updates`` (their norm
+  over the LR applied, ``metaopt.current_lr(opt_state)``): the ``grad_norm`` a
+  :class:`LearnedLRSchedule` reads at the next step."""
+  wide = jax.tree.map(lambda u: u.astype(jnp.promote_types(u.dtype, jnp.float32)), updates)
+  return (optax.tree.norm(wide) / current_lr(opt_state)).astype(jnp.float32)
 
 
 def with_theta(opt_state: PyTree, theta: PyTree) -> PyTree:
@@ -361,76 +457,130 @@ def with_theta(opt_state: PyTree, theta: PyTree) -> PyTree:
                       opt_state, is_leaf=is_lr_state)
 
 
-# --- shipped weights ------------------------------------------------------------
+# --- controller files -------------------------------------------------------------
 
 PRETRAINED_DIR = pathlib.Path(__file__).parent / "pretrained"
-PRETRAINED_WEIGHTS = PRETRAINED_DIR / "lr_controller.msgpack"
-PRETRAINED_CONFIG = PRETRAINED_DIR / "lr_controller.json"
+WEIGHTS_FILE = "lr_controller.msgpack"
+CONFIG_FILE = "lr_controller.json"
+PRETRAINED_WEIGHTS = PRETRAINED_DIR / WEIGHTS_FILE
+FILE_FORMAT = "metaopt-lr-controller"
+FILE_VERSION = 1
 
 
-SETTINGS = ("min_lr_factor", "max_lr_factor", "max_log_change", "response_time",
-            "min_response_steps")
+class SavedController(NamedTuple):
+  """A controller read by :func:`load_controller`."""
+  controller: LRController
+  theta: PyTree
+  settings: dict         # the SETTINGS keyword arguments it was trained with
+  learning_rate: float   # the LR it was trained at (what an untrained controller keeps)
+  info: dict             # anything else recorded with it (command, meta steps, seed)
 
 
-def save_controller(theta: PyTree, directory: Union[str, pathlib.Path], *,
-                    hidden: Sequence[int], settings: dict,
-                    info: Optional[dict] = None) -> None:
-  """Writes controller weights (msgpack) and their settings (JSON) to ``directory``.
-
-  ``settings`` holds the :data:`SETTINGS` keyword arguments of
-  :func:`scale_by_learned_lr` the weights were trained with.
-  """
-  directory = pathlib.Path(directory)
-  directory.mkdir(parents=True, exist_ok=True)
-  (directory / PRETRAINED_WEIGHTS.name).write_bytes(
-      serialization.msgpack_serialize(jax.tree.map(lambda x: jax.device_get(x), theta)))
-  config = dict(hidden=list(hidden), features=list(FEATURE_NAMES),
-                settings={k: float(settings[k]) for k in SETTINGS}, **(info or {}))
-  (directory / PRETRAINED_CONFIG.name).write_text(json.dumps(config, indent=2) + "\n")
+def _checked_settings(settings: Optional[dict], where: str) -> dict:
+  settings = dict(DEFAULT_SETTINGS if settings is None else settings)
+  missing = [k for k in SETTINGS if k not in settings]
+  unknown = [k for k in settings if k not in SETTINGS]
+  if missing or unknown:
+    raise ValueError(f"{where}: settings must hold exactly {', '.join(SETTINGS)}; "
+                     f"missing {missing}, unknown {unknown}")
+  _spec(lambda theta, x: x.sum(), base_lr=1.0, caller=where, **settings)
+  return {k: float(settings[k]) for k in SETTINGS}
 
 
-def load_controller(directory: Union[str, pathlib.Path] = PRETRAINED_DIR
-                    ) -> tuple[LRController, PyTree, dict]:
-  """Reads ``(controller, theta, config)`` written by :func:`save_controller`."""
-  directory = pathlib.Path(directory)
-  weights, config_path = directory / PRETRAINED_WEIGHTS.name, directory / PRETRAINED_CONFIG.name
-  for path in (weights, config_path):
-    if not path.is_file():
+def save_controller(path: Union[str, pathlib.Path], theta: PyTree, *,
+                    settings: Optional[dict] = None, hidden: Sequence[int] = (32, 32),
+                    learning_rate: float = 1e-3, info: Optional[dict] = None) -> pathlib.Path:
+  """Writes a controller to the folder ``path``: weights ``theta`` of an
+  ``LRController(hidden)``, and the ``settings`` (default :data:`DEFAULT_SETTINGS`) and
+  ``learning_rate`` it was trained with. Checked before anything is written."""
+  settings = _checked_settings(settings, "save_controller")
+  hidden = [check_int("hidden", h) for h in hidden]
+  check_positive("save_controller: learning_rate", learning_rate)
+  template = init_controller(jax.random.key(0), LRController(hidden=tuple(hidden)))
+  if jax.tree.structure(template) != jax.tree.structure(theta) or any(
+      jnp.shape(a) != jnp.shape(b) for a, b in zip(jax.tree.leaves(template),
+                                                   jax.tree.leaves(theta))):
+    raise ValueError(f"save_controller: theta does not match LRController(hidden={hidden})")
+  path = pathlib.Path(path)
+  path.mkdir(parents=True, exist_ok=True)
+  (path / WEIGHTS_FILE).write_bytes(serialization.msgpack_serialize(jax.device_get(theta)))
+  config = dict(format=FILE_FORMAT, version=FILE_VERSION, hidden=hidden,
+                features=list(FEATURE_NAMES), learning_rate=float(learning_rate),
+                settings=settings, info=dict(info or {}))
+  (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+  return path
+
+
+def load_controller(path: Union[str, pathlib.Path, None] = None) -> SavedController:
+  """The controller saved in the folder ``path`` (default: the one shipped with metaopt)."""
+  path = PRETRAINED_DIR if path is None else pathlib.Path(path)
+  weights, config_path = path / WEIGHTS_FILE, path / CONFIG_FILE
+  for file in (weights, config_path):
+    if not file.is_file():
       raise FileNotFoundError(
-          f"controller file {path} not found; write it with "
+          f"controller file {file} not found; write one with metaopt.save_controller or "
           "`metaopt run lr-schedule --save-controller DIR`")
-  config = json.loads(config_path.read_text())
+  try:
+    config = json.loads(config_path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+  if not isinstance(config, dict) or config.get("format") != FILE_FORMAT:
+    raise ValueError(f"{config_path} is not a metaopt controller file (format "
+                     f"{config.get('format') if isinstance(config, dict) else None!r}, "
+                     f"expected {FILE_FORMAT!r})")
+  if not isinstance(config.get("version"), int) or config["version"] > FILE_VERSION:
+    raise ValueError(f"{config_path} has controller format version {config.get('version')!r}; "
+                     f"this metaopt reads version {FILE_VERSION} and older: upgrade metaopt")
+  for key in ("hidden", "features", "settings", "learning_rate"):
+    if key not in config:
+      raise ValueError(f"{config_path} lacks {key!r}")
   if tuple(config["features"]) != FEATURE_NAMES:
-    raise ValueError(f"controller in {directory} was trained on features "
+    raise ValueError(f"controller in {path} was trained on features "
                      f"{config['features']}, this version computes {list(FEATURE_NAMES)}")
+  settings = _checked_settings(config["settings"], str(config_path))
   controller = LRController(hidden=tuple(config["hidden"]))
   template = init_controller(jax.random.key(0), controller)
-  theta = serialization.from_state_dict(
-      template, serialization.msgpack_restore(weights.read_bytes()))
+  try:
+    theta = serialization.from_state_dict(
+        template, serialization.msgpack_restore(weights.read_bytes()))
+  except Exception as e:  # msgpack and flax raise several types on a damaged file
+    raise ValueError(f"{weights} does not hold the weights of LRController(hidden="
+                     f"{config['hidden']}): {type(e).__name__}") from None
   theta = jax.tree.map(jnp.asarray, theta)
-  return controller, theta, config
+  for a, b in zip(jax.tree.leaves(template), jax.tree.leaves(theta)):
+    if a.shape != b.shape:
+      raise ValueError(f"{weights} holds an array of shape {b.shape} where "
+                       f"LRController(hidden={config['hidden']}) has {a.shape}")
+  return SavedController(controller, theta, settings, float(config["learning_rate"]),
+                         dict(config.get("info", {})))
 
 
-def pretrained_lr(*, base_lr: float = 1e-3, total_steps,
+def pretrained_lr(path: Union[str, pathlib.Path, None] = None, *,
+                  learning_rate: Optional[float] = None, total_steps=None,
                   min_lr_factor: Optional[float] = None,
                   max_lr_factor: Optional[float] = None,
                   max_log_change: Optional[float] = None,
                   response_time: Optional[float] = None,
                   min_response_steps: Optional[float] = None,
+                  base_lr: Optional[float] = None,
                   ) -> optax.GradientTransformationExtraArgs:
-  """:func:`scale_by_learned_lr` with the controller weights shipped in metaopt.
+  """:func:`scale_by_learned_lr` with a saved controller: by default the one shipped with
+  metaopt, or the folder ``path`` (:func:`save_controller`).
 
   ``optax.chain(optax.scale_by_adam(), metaopt.pretrained_lr(total_steps=5000))``
   gives a learned schedule with no meta-training. See ``docs/benchmarks.md`` for
-  how the weights were trained and how well they transfer. Each of the
-  :data:`SETTINGS` left at ``None`` is the one the weights were trained with.
-  Every argument is named, so ``optax.inject_hyperparams(pretrained_lr)`` can
-  inject them.
+  how the shipped weights were trained and how well they transfer.
+  ``learning_rate`` and each of the :data:`SETTINGS` left at ``None`` are those the
+  controller was trained with. Every argument is named, so
+  ``optax.inject_hyperparams(pretrained_lr)`` can inject them.
   """
-  controller, theta, config = load_controller(PRETRAINED_DIR)
+  learning_rate = renamed("pretrained_lr", "learning_rate", learning_rate, "base_lr", base_lr)
+  saved = load_controller(path)
   given = dict(min_lr_factor=min_lr_factor, max_lr_factor=max_lr_factor,
                max_log_change=max_log_change, response_time=response_time,
                min_response_steps=min_response_steps)
-  settings = {k: config["settings"][k] if given[k] is None else given[k] for k in SETTINGS}
-  return scale_by_learned_lr(controller, theta, base_lr=base_lr, total_steps=total_steps,
-                             **settings)
+  settings = {k: saved.settings[k] if given[k] is None else given[k] for k in SETTINGS}
+  return _learned_lr(
+      saved.controller, saved.theta, total_steps=total_steps,
+      learning_rate=saved.learning_rate if learning_rate is None else learning_rate,
+      caller="pretrained_lr", **settings)

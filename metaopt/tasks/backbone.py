@@ -166,7 +166,7 @@ def load_params(path, target, *, strict=True, exclude=()):
     )
   merged = dict(target_full)
   for key in loaded:
-    merged[key] = np.asarray(stored_flat[key], dtype=np.result_type(target_flat[key]))
+    merged[key] = np.asarray(stored_flat[key], dtype=np.asarray(target_flat[key]).dtype)
   if set(merged) == {""}:
     state = merged[""]
   else:

@@ -9,6 +9,7 @@ prepared beforehand (`tfds build NAME --data_dir DIR --file_format=array_record`
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import numpy as np
@@ -74,6 +75,18 @@ DATASETS: tuple[str, ...] = tuple(TFDS_NAMES) + tuple(
 )
 
 
+DATA_EXTRA = ("tensorflow_datasets", "grain")
+
+
+def require_data_extra() -> None:
+  """ValueError naming the extra to install when tensorflow-datasets or grain is missing
+  (checked before any work starts)."""
+  missing = [m for m in DATA_EXTRA if importlib.util.find_spec(m) is None]
+  if missing:
+    raise ValueError(f"reading tfds data needs the `data` extra (missing: {', '.join(missing)}); "
+                     "install it with: pip install \"metaopt[data]\"")
+
+
 def tfds_name(name: str) -> str:
   """The tensorflow-datasets builder name of a plan or tfds dataset name."""
   if name in MISSING:
@@ -108,6 +121,7 @@ def _missing_message(name: str, split: str, data_dir) -> str:
 
 def open_source(name: str, *, split: str, data_dir=None):
   """A random-access `tfds.data_source` over prepared data; never downloads."""
+  require_data_extra()
   import tensorflow_datasets as tfds  # the optional `data` extra; 0.4 s to import
 
   tname = tfds_name(name)
