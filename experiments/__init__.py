@@ -3,7 +3,8 @@
 Every experiment module offers a frozen dataclass ``Config`` (checked when it is
 built), ``default_config(seed)``, ``quick_config(seed)`` and
 ``run(config, out, *, progress, store=None) -> Result`` (see
-:mod:`metaopt.experiments.protocol`). :data:`REGISTRY` is the one list the CLI reads;
+:mod:`metaopt.experiments.protocol`), and ``RUN_LENGTH``: the config fields a rerun of
+the same run folder may change (a longer run continues from its checkpoint). :data:`REGISTRY` is the one list the CLI reads;
 modules are imported only when used.
 """
 

@@ -32,7 +32,7 @@ from metaopt.schedules.hypergradient import hypergradient_adam, hypergradient_sg
 from metaopt.schedules.plateau import early_stopping, plateau_lr
 from metaopt.tasks import DATASETS, TaskConfig, make_task
 from metaopt.train import steps_per_epoch
-from metaopt.validation import check_choice, check_int, check_number, check_positive
+from metaopt.validation import check_choice, check_int, check_number, check_positive, check_seed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +61,7 @@ class Config:
       check_choice("dataset", name, DATASETS)
     for name in ("width", "depth", "batch_size", "epochs", "seeds", "patience"):
       check_int(name, getattr(self, name))
+    check_seed("seed", self.seed)
     for name in ("learning_rate", "hd_sgd_lr", "threshold"):
       check_positive(name, getattr(self, name))
     check_number("rtol", self.rtol, low=0.0, high=1.0)
@@ -68,6 +69,10 @@ class Config:
       check_positive("tune_lrs and start_factors", lr)
     if self.learning_rate not in self.tune_lrs:
       raise ValueError(f"tune_lrs={self.tune_lrs!r} must hold learning_rate={self.learning_rate!r}")
+
+
+# Fields a rerun with --name may change: the run continues from its checkpoint.
+RUN_LENGTH = ()
 
 
 def default_config(seed: int = 0) -> Config:

@@ -47,7 +47,7 @@ from metaopt.hparams.store import MODES
 from metaopt.hparams.sweep import TrainingObjective, sweep
 from metaopt.tasks.data import DATASETS
 from metaopt.tasks.models import MODEL_KINDS
-from metaopt.validation import check_choice, check_int
+from metaopt.validation import check_choice, check_int, check_seed
 
 METHODS = ("predicted", "random", "tpe", "tpe_warm")
 LABELS = {"predicted": "predicted top-k", "random": "random search", "tpe": "TPE",
@@ -81,6 +81,7 @@ class Config:
       check_choice("dataset", name, DATASETS)
     check_choice("model", self.model, MODEL_KINDS)
     check_choice("mode", self.mode, MODES)
+    check_seed("seed", self.seed)
     for name in ("trials_per_task", "epochs", "seeds", "top_k", "predictor_steps",
                  "predictor_ensemble", "workers"):
       check_int(name, getattr(self, name))
@@ -90,6 +91,10 @@ class Config:
       check_int("budgets and predictor_hidden", b)
     if self.space is not None:
       Space.from_json(list(self.space))
+
+
+# Fields a rerun with --name may change: the run continues from its checkpoint.
+RUN_LENGTH = ("trials_per_task",)
 
 
 def default_config(seed: int = 0) -> Config:
@@ -149,7 +154,8 @@ def evaluate_dataset(config: Config, dataset: str, runs: list, space: Space, *,
   fit_seconds = time.perf_counter() - start
   features = held[-1].task_features
   start = time.perf_counter()
-  suggestions = predictor.suggest(features, k=config.top_k, seed=config.seed)
+  # Leaving a dataset out is extrapolation by design: allowed, and its distance recorded.
+  suggestions = predictor.suggest(features, k=config.top_k, seed=config.seed, extrapolate=True)
   suggest_seconds = time.perf_counter() - start
 
   objective = CachedObjective(TrainingObjective(dataset, config.model, epochs=config.epochs,

@@ -70,6 +70,10 @@ class Config:
                          f"multiple of evals={self.evals}")
 
 
+# Fields a rerun with --name may change: the run continues from its checkpoint.
+RUN_LENGTH = ("meta.meta_steps",)
+
+
 def default_config(seed: int = 0) -> Config:
   return Config(meta=MetaLRConfig(family=TRAIN_FAMILY, meta_steps=400, seed=seed))
 

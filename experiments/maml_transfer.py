@@ -39,7 +39,7 @@ from metaopt.tasks import fewshot, tfds_data
 from metaopt.tasks.backbone import load_params
 from metaopt.tasks.models import Conv4
 from metaopt.train import run_loop, scan_advance
-from metaopt.validation import check_int, check_number, check_positive
+from metaopt.validation import check_int, check_number, check_positive, check_seed
 
 # Offline: (dataset, digit classes); every class also rotated by 90, 180 and 270 degrees.
 OFFLINE_SPLITS = {
@@ -82,6 +82,7 @@ class Config:
     for name in ("pretrain_steps", "max_per_class"):
       if getattr(self, name) is not None:
         check_int(name, getattr(self, name))
+    check_seed("seed", self.seed)
     check_positive("meta_lr", self.meta_lr)
     check_positive("task_lr", self.task_lr)
     for lr in self.finetune_lrs:
@@ -93,6 +94,10 @@ class Config:
         raise FileNotFoundError(f"data_dir {self.data_dir!r} is not a folder")
     if self.backbone is not None and not pathlib.Path(self.backbone).exists():
       raise FileNotFoundError(f"backbone {self.backbone!r} does not exist")
+
+
+# Fields a rerun with --name may change: the run continues from its checkpoint.
+RUN_LENGTH = ("meta_iterations",)
 
 
 def default_config(seed: int = 0) -> Config:

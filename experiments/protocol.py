@@ -85,8 +85,9 @@ def best_index(val_accuracy: np.ndarray, val_loss: np.ndarray) -> int:
 
 
 def seed_keys(seeds: int, offset: int) -> jax.Array:
-  """``seeds`` evaluation keys, ``PRNGKey(offset * 1000 + i)``: disjoint across offsets."""
-  return jax.vmap(jax.random.PRNGKey)(jnp.arange(seeds) + 1000 * offset)
+  """``seeds`` evaluation keys, ``PRNGKey(offset * 1000 + i)`` (Python ints: no int32
+  overflow for large offsets; jax keys take them modulo 2**32)."""
+  return jnp.stack([jax.random.PRNGKey(offset * 1000 + i) for i in range(seeds)])
 
 
 def plot_method_curves(path, tasks: Mapping[str, Mapping[str, Any]], labels: Mapping[str, str],

@@ -1,18 +1,26 @@
-"""Orbax checkpoints of a meta-training loop: an array pytree plus a JSON progress record."""
+"""Orbax checkpoints of a loop: an array pytree plus a JSON progress record.
+
+Saves are synchronous: a step reported as saved is on disk, and a kill never loses
+more than the steps since the last checkpoint. Restore walks back from the newest
+checkpoint to the newest one that restores and validates; a damaged one is moved
+aside (never deleted) with a message saying which and why.
+"""
 
 from __future__ import annotations
 
 import pathlib
+import sys
 from typing import Any, Callable, Optional
 
 import jax
 import orbax.checkpoint as ocp
 
 PyTree = Any
+DAMAGED = "damaged"  # subfolder that damaged checkpoints are moved to
 
 
 class Checkpoints:
-  """Saves every ``every`` steps under ``directory``; restores the latest.
+  """Saves every ``every`` steps under ``directory``; restores the newest good one.
 
   The pytree is restored against an abstract target built from the JSON record
   (``make_target(progress)``), so NamedTuple states come back as NamedTuples.
@@ -24,7 +32,8 @@ class Checkpoints:
     self.directory = pathlib.Path(directory).absolute()
     self.manager = ocp.CheckpointManager(
         self.directory, item_names=("state", "progress"),
-        options=ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep))
+        options=ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep,
+                                             enable_async_checkpointing=False))
 
   def save(self, step: int, state: PyTree, progress: dict, *, force: bool = False) -> bool:
     return self.manager.save(
@@ -34,17 +43,44 @@ class Checkpoints:
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
-  def restore(self, make_target: Callable[[dict], PyTree]) -> Optional[tuple[int, PyTree, dict]]:
-    """``(step, state, progress)`` of the latest checkpoint, or ``None``."""
-    step = self.manager.latest_step()
-    if step is None:
-      return None
-    progress = self.manager.restore(
-        step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))["progress"]
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, make_target(progress))
-    state = self.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-    return step, state, progress
+  def restore(self, make_target: Callable[[dict], PyTree],
+              validate: Optional[Callable[[dict], None]] = None
+              ) -> Optional[tuple[int, PyTree, dict]]:
+    """``(step, state, progress)`` of the newest checkpoint that restores, or ``None``.
+
+    ``validate(progress)`` raises for a progress record that is not usable. A
+    checkpoint that fails is moved to ``directory/damaged/`` and an older one is tried.
+    """
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        progress = self.manager.restore(
+            step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))["progress"]
+        if not isinstance(progress, dict):
+          raise ValueError(f"the progress record is {type(progress).__name__}, not a dict")
+        if validate is not None:
+          validate(progress)
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, make_target(progress))
+        state = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+        return step, state, progress
+      except Exception as e:  # orbax, tensorstore and JSON raise many types on damage
+        aside = self._set_aside(step)
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        print(f"metaopt: checkpoint {step} in {self.directory} does not restore "
+              f"({type(e).__name__}: {reason}); moved it to {aside}, trying an older one",
+              file=sys.stderr, flush=True)
+    return None
+
+  def _set_aside(self, step: int) -> pathlib.Path:
+    damaged = self.directory / DAMAGED
+    damaged.mkdir(exist_ok=True)
+    target, i = damaged / str(step), 1
+    while target.exists():
+      i += 1
+      target = damaged / f"{step}-{i}"
+    (self.directory / str(step)).rename(target)
+    self.manager.reload()
+    return target
 
   def close(self) -> None:
     self.manager.wait_until_finished()

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import pathlib
+import shutil
+import sqlite3
 import sys
 from typing import Optional, Sequence
 
@@ -15,10 +18,40 @@ from metaopt.hparams import Predictor, RunStore
 from metaopt.hparams import sweep as sweep_lib
 from metaopt.hparams.features import task_features
 from metaopt.tasks import DATASETS, MODEL_KINDS, load_dataset
+from metaopt.validation import (SEED_MAX, check_folder_name, check_writable_file,
+                                check_writable_folder)
 
 # Shorthand flags of `metaopt run` for config fields only some experiments have.
 FIELD_FLAGS = {"--data-dir": "data_dir", "--backbone": "backbone", "--store": "store",
                "--save-controller": "save_controller"}
+
+
+def _int_in(low: int, high: int):
+  """An argparse type: an integer in [low, high], named in the error."""
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if not low <= value <= high:
+      raise argparse.ArgumentTypeError(f"{value} is outside [{low}, {high}]")
+    return value
+  return parse
+
+
+def _positive_float(high: float):
+  def parse(text: str) -> float:
+    try:
+      value = float(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if not (math.isfinite(value) and 0 < value <= high):
+      raise argparse.ArgumentTypeError(f"{text} is outside (0, {high:g}]")
+    return value
+  return parse
+
+
+SEED = _int_in(0, SEED_MAX)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,7 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the resolved configuration as JSON and exit")
   run.add_argument("--out", default="results", help="parent folder of run folders (default: results)")
   run.add_argument("--name", help="run folder name; an existing folder of that name is resumed")
-  run.add_argument("--seed", type=int, default=0, help="seed of the default configuration")
+  run.add_argument("--seed", type=SEED, default=0,
+                   help=f"seed of the default configuration, 0 to {SEED_MAX}")
+  run.add_argument("--force-new", action="store_true",
+                   help="with --name of an existing run whose configuration differs: start a "
+                   "new run folder instead of refusing")
   run.add_argument("--no-progress", action="store_true", help="no progress bars")
   for flag, field in FIELD_FLAGS.items():
     run.add_argument(flag, dest=field, metavar="PATH",
@@ -62,13 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
   sweep.add_argument("--datasets", help="comma-separated (default: all; see `metaopt list`)")
   sweep.add_argument("--models", help=f"comma-separated from {','.join(MODEL_KINDS)} "
                      "(default: all; cnn only runs on image datasets)")
-  sweep.add_argument("--trials", type=int, help="configurations per (dataset, model) (default 30)")
-  sweep.add_argument("--epochs", type=int, help="epochs per run (default 5)")
-  sweep.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
+  sweep.add_argument("--trials", type=_int_in(1, 100_000),
+                     help="configurations per (dataset, model), up to 100,000 (default 30)")
+  sweep.add_argument("--epochs", type=_int_in(1, 10_000),
+                     help="epochs per run, up to 10,000 (default 5)")
+  sweep.add_argument("--workers", type=_int_in(1, 256), default=1,
+                     help="parallel processes (default 1)")
   sweep.add_argument("--space", metavar="JSON",
                      help="search space file: a list of {name, type, low, high, log} or "
                      "{name, type: categorical, choices} (default: the built-in space)")
-  sweep.add_argument("--seed", type=int, default=0)
+  sweep.add_argument("--seed", type=SEED, default=0)
   sweep.add_argument("--quick", action="store_true",
                      help="a tiny sweep: iris and wine, mlp, 4 trials, 2 epochs")
   sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -81,17 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
   fit.add_argument("--metric", default="val_accuracy")
   fit.add_argument("--mode", default="max", help="max or min: which metric values are better")
   fit.add_argument("--space", help="search space JSON file (default: inferred from the runs)")
-  fit.add_argument("--steps", type=int, default=2000, help="training steps of the predictor")
-  fit.add_argument("--seed", type=int, default=0)
+  fit.add_argument("--steps", type=_int_in(1, 1_000_000), default=2000,
+                   help="training steps of the predictor, up to 1,000,000")
+  fit.add_argument("--seed", type=SEED, default=0)
   suggest = hp_commands.add_parser("suggest", help="suggest hyperparameters for a task")
   suggest.add_argument("--predictor", required=True, help="folder of a saved predictor")
   suggest.add_argument("--dataset", help="an offline dataset (its meta-features are computed)")
   suggest.add_argument("--model", help="model family, with --dataset")
-  suggest.add_argument("--epochs", type=float, default=5, help="training budget, with --dataset")
+  suggest.add_argument("--epochs", type=_positive_float(1e6), default=5,
+                       help="training budget, with --dataset")
   suggest.add_argument("--features", help="JSON file of the task's meta-features "
                                           "(instead of --dataset/--model)")
-  suggest.add_argument("-k", type=int, default=1, help="number of configurations")
+  suggest.add_argument("-k", type=_int_in(1, 1000), default=1,
+                       help="number of configurations, up to 1,000")
   suggest.add_argument("--json", action="store_true", help="print JSON")
+  suggest.add_argument("--extrapolate", action="store_true",
+                       help="answer for a task whose meta-features lie far outside those of "
+                       "the stored tasks (the uncertainty grows with the distance)")
   commands.add_parser("list", help="list experiments and datasets")
   return parser
 
@@ -115,6 +161,58 @@ def resolve_config(args, module):
   return config
 
 
+def _first_difference(old, new, path=""):
+  """The first field path where two JSON configurations differ, or None."""
+  if isinstance(old, dict) and isinstance(new, dict):
+    for key in list(old) + [k for k in new if k not in old]:
+      found = _first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else key)
+      if found is not None:
+        return found
+    return None
+  return None if old == new else path
+
+
+def run_folder(args, module, config) -> pathlib.Path:
+  """The run folder, checked before any work: a new one, or the folder ``--name`` names
+  when its recorded configuration matches (``module.RUN_LENGTH`` fields may differ: a
+  longer run continues from its checkpoint)."""
+  root = check_writable_folder("--out", args.out)
+  name = (args.name if args.name is not None
+          else f"{args.experiment}{'-quick' if args.quick else ''}")
+  check_folder_name("--name", name)
+  existing = root / name
+  resume = args.name is not None and existing.exists()
+  if resume:
+    if not existing.is_dir():
+      raise ValueError(f"--name {name!r}: {str(existing)!r} is a file, not a run folder")
+    saved = existing / "config.json"
+    if saved.exists():
+      old = json.loads(saved.read_text())
+      new = json.loads(config_lib.dumps(config))
+      for field in getattr(module, "RUN_LENGTH", ()):
+        _set(old, field, _get(new, field))
+      field = _first_difference(old, new)
+      if field is not None and not args.force_new:
+        raise ValueError(f"run folder {str(existing)!r} was started with a different "
+                         f"{field!r} ({_get(old, field)!r}, now {_get(new, field)!r}); pass "
+                         "--force-new for a new run folder, or another --name")
+      resume = field is None
+  return report.run_directory(root, name, resume=resume)
+
+
+def _get(tree, path: str):
+  for key in path.split("."):
+    tree = tree.get(key) if isinstance(tree, dict) else None
+  return tree
+
+
+def _set(tree, path: str, value) -> None:
+  *parents, last = path.split(".")
+  for key in parents:
+    tree = tree.setdefault(key, {})
+  tree[last] = value
+
+
 def _run(args) -> int:
   module = experiments.load(args.experiment)
   config = resolve_config(args, module)
@@ -123,13 +221,21 @@ def _run(args) -> int:
     return 0
   store = getattr(config, "store", None)
   if store is not None:
+    check_writable_file("--store", store)
     RunStore(store).close()  # a bad path fails now, not after the training
-  train.enable_compilation_cache()
-  name = args.name or f"{args.experiment}{'-quick' if args.quick else ''}"
-  out = report.run_directory(args.out, name, resume=args.name is not None)
+  if getattr(config, "save_controller", None) is not None:
+    check_writable_folder("--save-controller", config.save_controller)
+  out = run_folder(args, module, config)
+  fresh = not (out / "config.json").exists()
   (out / "config.json").write_text(config_lib.dumps(config))
+  train.enable_compilation_cache()
   print(f"metaopt: writing {out}", flush=True)
-  result = module.run(config, out, progress=not args.no_progress)
+  try:
+    result = module.run(config, out, progress=not args.no_progress)
+  except USER_ERRORS:
+    if fresh and [p.name for p in out.iterdir()] == ["config.json"]:
+      shutil.rmtree(out)  # a failed start leaves no half-made run folder
+    raise
   for line in result.summary_lines():
     print(line)
   print(f"metaopt: report at {result.report}")
@@ -154,9 +260,7 @@ def _sweep(args) -> int:
   models = _split(args.models, "models", MODEL_KINDS) or quick.get("models")
   trials = args.trials if args.trials is not None else quick.get("trials_per_task", 30)
   epochs = args.epochs if args.epochs is not None else quick.get("epochs", 5)
-  for label, v in (("--trials", trials), ("--epochs", epochs), ("--workers", args.workers)):
-    if v < 1:
-      raise ValueError(f"{label} must be >= 1, got {v}")
+  check_writable_file("--store", args.store)
   space = sweep_lib.load_space(args.space) if args.space else sweep_lib.DEFAULT_SPACE
   report = sweep_lib.sweep(args.store, datasets=datasets, models=models, space=space,
                            trials_per_task=trials, epochs=epochs, seed=args.seed,
@@ -176,10 +280,11 @@ def _hparams(args, parser) -> int:
   if args.hparams_command == "fit":
     if not pathlib.Path(args.store).is_file():
       raise FileNotFoundError(f"no run store at {args.store!r}")
+    check_writable_folder("--out", args.out)  # before the fitting, not after
     space = None
     if args.space:
       space = sweep_lib.load_space(args.space)
-    with RunStore(args.store) as store:
+    with RunStore(args.store, create=False) as store:
       predictor = Predictor.fit(store, metric=args.metric, mode=args.mode, space=space,
                                 steps=args.steps, seed=args.seed)
     predictor.save(args.out)
@@ -193,6 +298,8 @@ def _hparams(args, parser) -> int:
   if args.features is not None:
     if args.model is not None:
       raise ValueError("--model goes with --dataset, not with --features")
+    if pathlib.Path(args.features).is_dir():
+      raise ValueError(f"--features {args.features!r} is a folder; pass a JSON file")
     try:
       features = json.loads(pathlib.Path(args.features).read_text())
     except FileNotFoundError:
@@ -204,7 +311,7 @@ def _hparams(args, parser) -> int:
       raise ValueError("--dataset needs --model (one of mlp, cnn, rnn, transformer)")
     features = task_features(load_dataset(args.dataset), model_family=args.model,
                              epochs=args.epochs)
-  suggestions = predictor.suggest(features, k=args.k)
+  suggestions = predictor.suggest(features, k=args.k, extrapolate=args.extrapolate)
   if args.json:
     print(json.dumps(suggestions, indent=1))
   else:
@@ -225,9 +332,16 @@ def _list() -> int:
   return 0
 
 
+# What a user's input can cause: one line, exit 2, no traceback.
+USER_ERRORS = (ValueError, OSError, OverflowError, sqlite3.Error)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = build_parser()
-  args = parser.parse_args(argv)
+  try:
+    args = parser.parse_args(argv)
+  except SystemExit as e:  # a bad option (one line printed already), or --help
+    return e.code
   if args.command is None:
     parser.print_help()
     return 2
@@ -240,11 +354,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       train.enable_compilation_cache()
       return _sweep(args)
     return _run(args)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"metaopt: error: {e}", file=sys.stderr)
+  except USER_ERRORS as e:
+    message = " ".join(str(e).split()) or type(e).__name__
+    print(f"metaopt: error: {message}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
-    print("metaopt: interrupted; rerun with --name to resume from the last checkpoint",
+    how = {"run": "rerun with the same --name to resume from the last checkpoint",
+           "sweep": "rerun the same command to resume: stored runs are skipped"}
+    print(f"metaopt: interrupted; {how.get(args.command, 'nothing was saved')}",
           file=sys.stderr)
     return 130
 

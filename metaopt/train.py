@@ -28,6 +28,7 @@ import json
 import math
 import os
 import pathlib
+import sys
 import time
 from typing import Any, Callable, NamedTuple, Optional, Union
 
@@ -317,15 +318,17 @@ def run_loop(advance: Advance, state: PyTree, *, steps: int, chunk: int = 1,
     checkpoints = Checkpoints(directory / "checkpoints", every=every, keep=keep)
     initial = state
     restored = checkpoints.restore(lambda saved: initial if target is None
-                                   else target(saved["record"]))
+                                   else target(saved["record"]), validate=_check_progress)
     if restored is not None:
       start, state, saved = restored
       record, seconds = saved["record"], saved["seconds"]
+      if start > steps:
+        checkpoints.close()
+        raise ValueError(f"the checkpoint in {directory} is at step {start}, beyond "
+                         f"steps={steps}; ask for at least {start} steps or use a new folder")
       print(f"metaopt: resumed {desc} at step {start} from {directory}", flush=True)
     # Keep the lines of the steps the state has seen, and only those.
-    if metrics_file.exists():
-      lines = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-      history = [h for h in lines if h["step"] < start]
+    history = [h for h in read_metrics(metrics_file) if h["step"] < start]
     metrics_file.write_text("".join(json.dumps(h) + "\n" for h in history))
 
   end = steps if stop_after is None else min(steps, check_int("stop_after", stop_after, low=0))
@@ -355,6 +358,37 @@ def run_loop(advance: Advance, state: PyTree, *, steps: int, chunk: int = 1,
   if directory is not None:
     write_metrics(directory, history, logged_from=start)
   return LoopResult(state, record, history, start, seconds + time.perf_counter() - began)
+
+
+def _check_progress(saved: dict) -> None:
+  if not isinstance(saved.get("record"), dict) or not isinstance(saved.get("seconds"), (int, float)):
+    raise ValueError(f"not a run_loop progress record: keys {sorted(saved)}")
+
+
+def read_metrics(path) -> list[dict]:
+  """The rows of a ``metrics.jsonl``. A torn last line (what a kill or a full disk
+  during an append leaves) is dropped with a warning; a bad line before it is an error
+  naming the file and the line."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    return []
+  lines = path.read_bytes().split(b"\n")
+  rows = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+      if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+        raise ValueError("not a row with an integer step")
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+      if all(not rest.strip() for rest in lines[number:]):
+        print(f"metaopt: dropped the torn last line {number} of {path}", file=sys.stderr,
+              flush=True)
+        break
+      raise ValueError(f"{path}, line {number}: {e}; fix or remove that line") from None
+    rows.append(row)
+  return rows
 
 
 def write_metrics(directory, history: list, logged_from: int = 0) -> None:

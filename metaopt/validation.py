@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import pathlib
 import warnings
 from typing import Any, Iterable, Optional
 
@@ -33,8 +35,17 @@ def concrete(value: Any) -> Optional[float]:
     return None
   try:
     return float(value)
-  except (TypeError, ValueError, jax.errors.ConcretizationTypeError):
+  except (TypeError, ValueError, OverflowError, jax.errors.ConcretizationTypeError):
     return None
+
+
+def shown(value: Any, limit: int = 80) -> str:
+  """``repr(value)`` for an error message: shortened, and safe for huge integers."""
+  try:
+    text = repr(value)
+  except ValueError:  # Python refuses to print integers of more than 4300 digits
+    return f"an integer of {value.bit_length()} bits"
+  return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _interval(low, high, low_open, high_open) -> str:
@@ -53,7 +64,7 @@ def check_number(name: str, value: Any, *, low: Optional[float] = None,
       return None
     raise ValueError(f"{name} must be a concrete number, not a traced value: it is checked "
                      "when the transform is built (keep it in static_args of "
-                     f"optax.inject_hyperparams), got {value!r}")
+                     f"optax.inject_hyperparams), got {shown(value)}")
   x = None if isinstance(value, (bool, np.bool_)) else concrete(value)
   ok = x is not None and math.isfinite(x)
   if ok and low is not None:
@@ -62,7 +73,7 @@ def check_number(name: str, value: Any, *, low: Optional[float] = None,
     ok = x < high if high_open else x <= high
   if not ok:
     raise ValueError(f"{name} must be a finite number in {_interval(low, high, low_open, high_open)}"
-                     f", got {value!r}")
+                     f", got {shown(value)}")
   return x
 
 
@@ -71,7 +82,7 @@ def check_positive(name: str, value: Any, *, traced_ok: bool = False) -> Optiona
   try:
     return check_number(name, value, low=0.0, low_open=True, traced_ok=traced_ok)
   except ValueError:
-    raise ValueError(f"{name} must be a positive finite number, got {value!r}") from None
+    raise ValueError(f"{name} must be a positive finite number, got {shown(value)}") from None
 
 
 def check_int(name: str, value: Any, *, low: int = 1, high: Optional[int] = None) -> int:
@@ -80,7 +91,7 @@ def check_int(name: str, value: Any, *, low: int = 1, high: Optional[int] = None
     bound = f">= {low}" if high is None else f"in [{low}, {high}]"
     hint = (" (a Python int: it cannot be injected or traced; keep it in static_args of "
             "optax.inject_hyperparams)" if isinstance(value, jax.Array) else "")
-    raise ValueError(f"{name} must be an integer {bound}{hint}, got {value!r}")
+    raise ValueError(f"{name} must be an integer {bound}{hint}, got {shown(value)}")
   return int(value)
 
 
@@ -111,3 +122,54 @@ def required(function: str, name: str, value: Any, what: str) -> Any:
   if value is None:
     raise ValueError(f"{function}: {name} is required ({what})")
   return value
+
+
+def _nearest_existing(path: pathlib.Path) -> pathlib.Path:
+  while not path.exists() and path != path.parent:
+    path = path.parent
+  return path
+
+
+def check_writable_folder(label: str, path) -> pathlib.Path:
+  """``path`` as a folder that exists and is writable, or can be created (checked
+  before any work starts); ValueError naming ``label`` and the path otherwise."""
+  path = pathlib.Path(path)
+  base = _nearest_existing(path.absolute())
+  if base == path.absolute() and not base.is_dir():
+    raise ValueError(f"{label} {str(path)!r} is a file, not a folder")
+  if not base.is_dir():
+    raise ValueError(f"{label} {str(path)!r} cannot be created: {str(base)!r} is a file")
+  if not os.access(base, os.W_OK | os.X_OK):
+    raise ValueError(f"{label} {str(path)!r} is not writable ({str(base)!r} is read-only)")
+  return path
+
+
+def check_writable_file(label: str, path) -> pathlib.Path:
+  """``path`` as a file that can be written: not a folder, in a writable folder that exists."""
+  path = pathlib.Path(path)
+  if path.is_dir():
+    raise ValueError(f"{label} {str(path)!r} is a folder; pass a file path")
+  parent = path.absolute().parent
+  if not parent.is_dir():
+    raise ValueError(f"{label} {str(path)!r}: folder {str(parent)!r} does not exist")
+  if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+    raise ValueError(f"{label} {str(path)!r} is not writable")
+  return path
+
+
+def check_folder_name(label: str, name: str) -> str:
+  """A single safe folder name: not empty, no separator, not . or .., no control characters."""
+  bad = (not name or name in (".", "..") or "/" in name or "\\" in name
+         or any(ord(c) < 32 or ord(c) == 127 for c in name))
+  if bad:
+    raise ValueError(f"{label} {name!r} must be a single folder name: not empty, no '/' or "
+                     "'\\', not '.' or '..', no control characters")
+  return name
+
+
+SEED_MAX = 2 ** 32 - 1  # one rule for every seed: what numpy and jax keys both take
+
+
+def check_seed(name: str, value: Any) -> int:
+  """A seed: an integer in [0, 2**32 - 1]."""
+  return check_int(name, value, low=0, high=SEED_MAX)

@@ -102,7 +102,6 @@ def tiny_quick(seed=0):
 
 
 def test_cli_adaptive_lr_quick_writes_report_results_and_plots(tmp_path, monkeypatch):
-  monkeypatch.setenv("METAOPT_XLA_CACHE", "")
   monkeypatch.setattr(adaptive_lr, "quick_config", tiny_quick)
   args = ["run", "adaptive-lr", "--quick", "--out", str(tmp_path), "--no-progress"]
   assert cli.main(args) == 0

@@ -55,7 +55,6 @@ def tiny_quick(seed=0):
 
 
 def test_run_writes_report_results_and_plots(tmp_path, monkeypatch, capsys):
-  monkeypatch.setenv("METAOPT_XLA_CACHE", "")
   monkeypatch.setattr(lr_schedule, "quick_config", tiny_quick)
   args = ["run", "lr-schedule", "--quick", "--out", str(tmp_path), "--no-progress"]
   assert cli.main(args) == 0

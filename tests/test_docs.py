@@ -63,7 +63,7 @@ def fill_run_store(path="runs.sqlite"):
   """A small store of runs on two datasets, for blocks that fit a predictor."""
   rng = np.random.default_rng(0)
   with RunStore(path) as store:
-    for name in ("iris", "wine"):
+    for name in ("iris", "wine", "digits"):
       features = task_features(load_dataset(name), model_family="mlp", epochs=5)
       for _ in range(12):
         h = DEFAULT_SPACE.sample(rng)
@@ -96,7 +96,6 @@ def run_command(line: str, makefile: str) -> None:
 @pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
 def test_every_code_block_runs(page, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  monkeypatch.setenv("METAOPT_XLA_CACHE", "")
   makefile = (ROOT / "Makefile").read_text()
   namespace: dict = {}
   for language, code, directive, line in blocks(page):

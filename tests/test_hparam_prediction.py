@@ -121,8 +121,14 @@ def tiny_predictor(tmp_path_factory):
 
 def test_cli_suggest(tiny_predictor, capsys):
   capsys.readouterr()
+  # breast_cancer's meta-features lie far outside the two stored tasks': refused...
   assert cli.main(["hparams", "suggest", "--predictor", str(tiny_predictor / "pred"),
-                   "--dataset", "breast_cancer", "--model", "mlp", "-k", "2", "--json"]) == 0
+                   "--dataset", "breast_cancer", "--model", "mlp"]) == 2
+  assert "--extrapolate" in capsys.readouterr().err
+  # ... unless asked for, with an uncertainty that says so.
+  assert cli.main(["hparams", "suggest", "--predictor", str(tiny_predictor / "pred"),
+                   "--dataset", "breast_cancer", "--model", "mlp", "-k", "2", "--json",
+                   "--extrapolate"]) == 0
   out = json.loads(capsys.readouterr().out)
   assert len(out) == 2 and out[0]["predicted"] >= out[1]["predicted"]
   for s in out:
@@ -134,7 +140,8 @@ def test_cli_suggest(tiny_predictor, capsys):
   f = task_features(load_dataset("breast_cancer"), model_family="mlp", epochs=5)
   (tiny_predictor / "f.json").write_text(json.dumps(f))
   assert cli.main(["hparams", "suggest", "--predictor", str(tiny_predictor / "pred"),
-                   "--features", str(tiny_predictor / "f.json"), "-k", "2"]) == 0
+                   "--features", str(tiny_predictor / "f.json"), "-k", "2",
+                   "--extrapolate"]) == 0
   text = capsys.readouterr().out
   assert text.startswith("1. ") and "learning_rate=" in text and "\n2. " in text
 

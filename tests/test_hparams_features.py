@@ -30,7 +30,8 @@ def test_task_features_have_the_documented_names_and_sizes():
   assert f["class_entropy"] == pytest.approx(1.0)  # stratified: balanced
   assert f["model_mlp"] == 1.0 and f["model_rnn"] == 0.0 and f["epochs"] == 10.0
   assert all(isinstance(v, float) and math.isfinite(v) for v in f.values())
-  full = F.task_features(data, model_family="cnn", epochs=5, n_params=1000, depth=3, steps=100)
+  image = toy(d=4, name="image")._replace(image_shape=(2, 2, 1))
+  full = F.task_features(image, model_family="cnn", epochs=5, n_params=1000, depth=3, steps=100)
   assert full["log10_params"] == pytest.approx(3.0) and full["depth"] == 3.0
   assert full["log10_steps"] == pytest.approx(2.0) and full["model_cnn"] == 1.0
 
@@ -58,7 +59,14 @@ def test_deterministic_and_cached_by_content():
 def test_bad_inputs_are_named():
   with pytest.raises(ValueError, match="unknown model family 'lstm'; accepted: mlp, cnn, rnn"):
     F.model_features("lstm")
-  with pytest.raises(ValueError, match="epochs must be > 0, got 0"):
+  with pytest.raises(ValueError, match=r"epochs must be a finite number in \(0, inf\), got 0"):
     F.budget_features(0)
+  with pytest.raises(ValueError, match=r"epochs must be a finite number in \(0, inf\), got inf"):
+    F.budget_features(math.inf)
+  with pytest.raises(ValueError, match=r"steps must be a finite number in \[1, inf\), got 0"):
+    F.budget_features(5, steps=0)
+  with pytest.raises(ValueError, match=r"model family 'cnn' needs an image dataset; 'iris' is "
+                                       r"tabular \(it has no image_shape\)"):
+    F.task_features(load_dataset("iris"), model_family="cnn", epochs=5)
   with pytest.raises(ValueError, match="takes a metaopt Dataset, got ndarray"):
     F.dataset_features(np.zeros((3, 3)))

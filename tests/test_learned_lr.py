@@ -145,7 +145,26 @@ def test_lr_stays_in_bounds_and_moves_slowly():
   assert float(steps.max()) <= 0.1 + 1e-5
 
 
-@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -1.0])
+def test_losses_at_or_below_zero_still_drive_the_controller():
+  """A loss with a negative offset crosses zero: the features are taken on shifted losses,
+  so the LR keeps moving (it used to freeze at learning_rate), finite and in its bounds."""
+  def lrs(offset):
+    tx = learned()
+    params, state, out = PARAMS, tx.init(PARAMS), []
+    for _ in range(40):
+      loss, grads = jax.value_and_grad(quadratic_loss)(params)
+      updates, state = tx.update(grads, state, params, value=loss - offset)
+      params = optax.apply_updates(params, updates)
+      out.append(float(metaopt.current_lr(state)))
+    return np.asarray(out)
+  shifted = lrs(offset=3.0)  # the loss starts near 14 - 3 and falls below zero
+  assert np.all(np.isfinite(shifted)) and np.all(shifted > 0)
+  assert np.all(shifted <= 1e-2 * 10 * (1 + 1e-6)) and np.all(shifted >= 1e-2 * 1e-2 * (1 - 1e-6))
+  assert len(np.unique(shifted[-20:])) > 1   # not frozen
+  np.testing.assert_array_equal(lrs(offset=0.0), lrs(offset=0.0))
+
+
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf])
 def test_non_finite_loss_never_gives_a_nan_lr(bad):
   tx = learned()
   params, state = PARAMS, tx.init(PARAMS)

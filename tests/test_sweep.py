@@ -1,7 +1,13 @@
-"""Sweeps into a run store: rows, resume after interruption, the CLI, recording train_grid."""
+"""Sweeps into a run store: rows, resume after interruption, the CLI, recording train_grid,
+bounded work, no orphaned workers."""
 
 import dataclasses
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +82,12 @@ def test_sweep_writes_rows_and_resumes_after_interruption_without_repeats(tmp_pa
 def test_trial_configs_are_seeded_and_prefix_stable():
   a = S.trial_configs(SPACE, "iris", "mlp", 5, 0)
   assert S.trial_configs(SPACE, "iris", "mlp", 3, 0) == a[:3]
+  # Drawn lazily: a billion trials cost nothing until asked for, and trial i is the same.
+  huge = S.trial_configs(SPACE, "iris", "mlp", 10 ** 9, 0)
+  assert len(huge) == 10 ** 9 and huge[4] == a[4] == list(a)[4] and huge[:5] == list(a)
+  assert a[-1] == a[4] and a[1:4:2] == [a[1], a[3]]
+  with pytest.raises(IndexError):
+    a[5]
   assert S.trial_configs(SPACE, "iris", "mlp", 5, 1) != a
   assert S.trial_configs(SPACE, "wine", "mlp", 5, 0) != a
   assert S.micro_batch(SPACE, a, 1000) == 16
@@ -94,7 +106,6 @@ def test_bad_sweep_inputs_are_named(tmp_path):
 
 
 def test_cli_sweep_on_a_tiny_config(tmp_path, capsys, monkeypatch):
-  monkeypatch.setenv("METAOPT_XLA_CACHE", "")  # no persistent compilation cache in tests
   space = tmp_path / "space.json"
   space.write_text(json.dumps(SPACE.to_json()))
   store = tmp_path / "cli.db"
@@ -113,7 +124,7 @@ def test_cli_sweep_on_a_tiny_config(tmp_path, capsys, monkeypatch):
   for bad, needle in [
       (["--models", "lstm"], "unknown model 'lstm' in --models; accepted: mlp, cnn, rnn"),
       (["--datasets", "iris,cifar"], "unknown dataset 'cifar'"),
-      (["--trials", "0"], "--trials must be >= 1, got 0"),
+      (["--trials", "0"], "--trials: 0 is outside [1, 100000]"),
       (["--space", str(tmp_path / "bad.json")], "is not valid JSON"),
       (["--space", str(tmp_path / "missing.json")], "no space file at"),
       (["--store", str(tmp_path / "notes.txt")], "not a metaopt run store"),
@@ -181,7 +192,6 @@ def test_cli_run_store_records_the_experiment_runs(tmp_path, monkeypatch, capsys
   tiny = lambda seed=0: dataclasses.replace(
       quick(seed), datasets=("iris",), width=8, depth=1, epochs=2, tune_lrs=(1e-3, 1e-2),
       include_pretrained=False)
-  monkeypatch.setenv("METAOPT_XLA_CACHE", "")
   monkeypatch.setattr(adaptive_lr, "quick_config", tiny)
   store = tmp_path / "exp.db"
   args = ["run", "adaptive-lr", "--quick", "--out", str(tmp_path), "--no-progress",
@@ -198,3 +208,132 @@ def test_cli_run_store_records_the_experiment_runs(tmp_path, monkeypatch, capsys
   (tmp_path / "notes.txt").write_text("not a store")
   assert cli.main(args[:-1] + [str(tmp_path / "notes.txt")]) == 2
   assert "not a metaopt run store" in capsys.readouterr().err
+
+
+def fake_train_grid(task, make_tx, hparams, keys, *, steps, eval_every, **kw):
+  """train_grid's result shapes without training: every run completes at accuracy 0.5."""
+  n, evals = keys.shape[0], steps // eval_every + 1
+  full = lambda value, width: np.full((n, width), value, np.float32)
+  return TrainResult(train_loss=full(1.0, steps), learning_rate=full(1e-3, steps),
+                     eval_steps=np.tile(np.arange(evals) * eval_every, (n, 1)),
+                     val_loss=full(1.0, evals), val_accuracy=full(0.5, evals),
+                     test_loss=full(1.0, evals), test_accuracy=full(0.5, evals),
+                     stopped_at=None), 0.01
+
+
+def test_huge_sweeps_are_refused_before_any_work(tmp_path):
+  path = tmp_path / "a.db"
+  for kw, message in (({"trials_per_task": 10 ** 9},
+                       r"trials_per_task must be an integer in \[1, 100000\], got 1000000000"),
+                      ({"epochs": 10 ** 9}, r"epochs must be an integer in \[1, 10000\]")):
+    with pytest.raises(ValueError, match=message):
+      S.sweep(path, datasets=["iris"], models=["mlp"], space=SPACE, progress=False, **kw)
+  assert not path.exists()
+  with pytest.raises(ValueError, match=r"epochs must be an integer in \[1, 10000\]"):
+    S.TrainingObjective("iris", epochs=10 ** 9)
+
+
+def test_only_training_errors_are_recorded_as_failed_runs(tmp_path, monkeypatch):
+  path = tmp_path / "runs.db"
+  kw = dict(datasets=["iris"], models=["mlp"], space=SPACE, trials_per_task=2, epochs=1,
+            progress=False)
+
+  def misconfigured(*args, **kwargs):
+    raise ValueError("need steps >= 1 divisible by eval_every >= 1")
+
+  monkeypatch.setattr(metaopt.train, "train_grid", misconfigured)
+  with pytest.raises(ValueError, match="divisible by eval_every"):
+    S.sweep(path, **kw)
+  with RunStore(path) as store:
+    assert len(store) == 0        # nothing recorded: a rerun after the fix trains them
+
+  def crashed(*args, **kwargs):
+    raise RuntimeError("XLA ran out of memory")
+
+  monkeypatch.setattr(metaopt.train, "train_grid", crashed)
+  report = S.sweep(path, **kw)
+  assert (report.added, report.failed) == (2, 2)
+  with RunStore(path) as store:
+    assert {r.extra["error"] for r in store.runs()} == {"RuntimeError: XLA ran out of memory"}
+
+
+def test_runs_stored_meanwhile_are_skipped_not_an_error(tmp_path, monkeypatch):
+  path = tmp_path / "runs.db"
+  kw = dict(datasets=["iris"], models=["mlp"], space=SPACE, trials_per_task=3, epochs=1, seed=2,
+            progress=False)
+  key = S.run_key("iris", "mlp", 1, epochs=1, seed=2, space=SPACE)
+
+  def old_sweep_writes_first(task, *args, **kwargs):
+    # A sweep killed earlier left a worker behind that stores trial 1 while this one trains.
+    with RunStore(path) as other:
+      other.add("iris", task_features={}, hparams={}, metrics={}, run_key=key,
+                extra={"writer": "old"})
+    return fake_train_grid(task, *args, **kwargs)
+
+  monkeypatch.setattr(metaopt.train, "train_grid", old_sweep_writes_first)
+  report = S.sweep(path, **kw)
+  assert (report.added, report.skipped) == (2, 1)
+  with RunStore(path) as store:
+    runs = {r.run_key: r for r in store.runs()}
+  assert len(runs) == 3 and runs[key].extra == {"writer": "old"}   # left as it was
+  # Stored before its group trains: skipped without training.
+  monkeypatch.setattr(metaopt.train, "train_grid", fake_train_grid)
+  with RunStore(path) as store:
+    store.add("iris", task_features={}, hparams={}, metrics={}, run_key=key.replace("/t1", "/t3"))
+  more = S.sweep(path, **dict(kw, trials_per_task=5))
+  assert (more.added, more.skipped) == (1, 4)
+
+
+def _children(psutil, pid):
+  try:
+    return psutil.Process(pid).children()
+  except psutil.NoSuchProcess:
+    return []
+
+
+def _alive(psutil, process):
+  try:
+    return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+  except psutil.NoSuchProcess:
+    return False
+
+
+def test_workers_die_with_a_killed_sweep(tmp_path):
+  psutil = pytest.importorskip("psutil")  # installed with orbax-checkpoint; only this test uses it
+  path = tmp_path / "runs.db"
+  script = ("import json, sys\n"
+            "from metaopt.hparams import sweep as S\n"
+            "from metaopt.hparams.space import Space\n"
+            "S.sweep(sys.argv[1], datasets=['iris', 'wine', 'breast_cancer'], models=['mlp'],\n"
+            "        space=Space.from_json(json.loads(sys.argv[2])), trials_per_task=2,\n"
+            "        epochs=200, workers=2, progress=False)\n")
+  log = open(tmp_path / "sweep.log", "w")
+  sweep = subprocess.Popen([sys.executable, "-c", script, str(path),
+                            json.dumps(SPACE.to_json())], stdout=log, stderr=log)
+  left = []
+  try:
+    deadline = time.monotonic() + 60
+    while True:  # until both workers have opened the store: they are at work
+      workers = [p for p in _children(psutil, sweep.pid)
+                 if "spawn_main" in " ".join(p.cmdline())]
+      busy = [p for p in workers if any(f.path == str(path) for f in p.open_files())]
+      if len(busy) == 2:
+        break
+      assert sweep.poll() is None and time.monotonic() < deadline, \
+          (tmp_path / "sweep.log").read_text()
+      time.sleep(0.1)
+    left = _children(psutil, sweep.pid)   # the workers and multiprocessing's helpers
+    os.kill(sweep.pid, signal.SIGKILL)
+    sweep.wait()
+    deadline = time.monotonic() + 5
+    while any(_alive(psutil, p) for p in left) and time.monotonic() < deadline:
+      time.sleep(0.1)
+    assert not [p.pid for p in left if _alive(psutil, p)]
+  finally:  # whatever failed, leave no process of this test behind
+    for p in left + _children(psutil, sweep.pid):
+      if _alive(psutil, p):
+        p.kill()
+    if sweep.poll() is None:
+      sweep.kill()
+      sweep.wait()
+    log.close()

@@ -21,7 +21,7 @@ from sklearn.linear_model import LogisticRegression
 
 from metaopt.tasks.data import Dataset
 from metaopt.tasks.models import MODEL_KINDS
-from metaopt.validation import check_choice
+from metaopt.validation import check_choice, check_number
 
 DATA_FEATURE_NAMES: tuple[str, ...] = (
     "n_train", "log10_n_train", "n_features", "log10_n_features", "n_classes",
@@ -33,6 +33,19 @@ MODEL_FEATURE_NAMES: tuple[str, ...] = tuple(f"model_{f}" for f in MODEL_KINDS)
 BUDGET_FEATURE_NAMES: tuple[str, ...] = ("epochs", "log10_epochs")
 # What task_features always returns (and what sweeps record).
 TASK_FEATURE_NAMES: tuple[str, ...] = DATA_FEATURE_NAMES + MODEL_FEATURE_NAMES + BUDGET_FEATURE_NAMES
+
+# The values each feature can take at all, as (low, high, low_open): a predictor refuses
+# others outright (n_train = -5 is no task), whatever its fitted range.
+FEATURE_DOMAINS: dict[str, tuple[float | None, float | None, bool]] = {
+    "n_train": (0.0, None, True), "n_features": (0.0, None, True), "n_classes": (1.0, None, False),
+    "class_entropy": (0.0, 1.0, False), "minority_fraction": (0.0, 1.0, False),
+    "mean_abs": (0.0, None, False), "std": (0.0, None, False),
+    "mean_abs_skew": (0.0, None, False), "frac_at_min": (0.0, 1.0, False),
+    "pca95_fraction": (0.0, 1.0, True), "majority_accuracy": (0.0, 1.0, False),
+    "linear_probe_accuracy": (0.0, 1.0, False),
+    **{name: (0.0, 1.0, False) for name in MODEL_FEATURE_NAMES},
+    "epochs": (0.0, None, True), "depth": (1.0, None, False),
+}
 
 PROBE_SUBSAMPLE = 2000  # training examples the linear probe sees
 STATS_SUBSAMPLE = 2000  # examples the input statistics are computed on
@@ -120,25 +133,18 @@ def model_features(family: str, n_params: Optional[int] = None,
   check_choice("model family", family, MODEL_KINDS)
   out = {f"model_{f}": float(f == family) for f in MODEL_KINDS}
   if n_params is not None:
-    if not n_params >= 1:
-      raise ValueError(f"n_params must be >= 1, got {n_params!r}")
-    out["log10_params"] = math.log10(n_params)
+    out["log10_params"] = math.log10(check_number("n_params", n_params, low=1))
   if depth is not None:
-    if not depth >= 1:
-      raise ValueError(f"depth must be >= 1, got {depth!r}")
-    out["depth"] = float(depth)
+    out["depth"] = check_number("depth", depth, low=1)
   return out
 
 
 def budget_features(epochs: float, steps: Optional[int] = None) -> dict[str, float]:
   """The training budget: epochs (and log10), plus ``log10_steps`` when given."""
-  if not epochs > 0:
-    raise ValueError(f"epochs must be > 0, got {epochs!r}")
-  out = {"epochs": float(epochs), "log10_epochs": math.log10(epochs)}
+  epochs = check_number("epochs", epochs, low=0, low_open=True)
+  out = {"epochs": epochs, "log10_epochs": math.log10(epochs)}
   if steps is not None:
-    if not steps >= 1:
-      raise ValueError(f"steps must be >= 1, got {steps!r}")
-    out["log10_steps"] = math.log10(steps)
+    out["log10_steps"] = math.log10(check_number("steps", steps, low=1))
   return out
 
 
@@ -146,6 +152,11 @@ def task_features(data: Dataset, *, model_family: str, epochs: float,
                   n_params: Optional[int] = None, depth: Optional[int] = None,
                   steps: Optional[int] = None, seed: int = 0) -> dict[str, float]:
   """Data, model and budget meta-features of one task, keyed as in ``TASK_FEATURE_NAMES``
-  (plus ``log10_params``, ``depth``, ``log10_steps`` for the optional arguments)."""
+  (plus ``log10_params``, ``depth``, ``log10_steps`` for the optional arguments).
+  A cnn needs an image dataset (one with an ``image_shape``)."""
+  check_choice("model family", model_family, MODEL_KINDS)
+  if model_family == "cnn" and isinstance(data, Dataset) and data.image_shape is None:
+    raise ValueError(f"model family 'cnn' needs an image dataset; {data.name!r} is tabular "
+                     "(it has no image_shape)")
   return {**dataset_features(data, seed=seed), **model_features(model_family, n_params, depth),
           **budget_features(epochs, steps)}

@@ -20,6 +20,23 @@ Meta-features. Numbers (and bools) are used as they are, except positive
 features spanning at least two decades, which are log10-scaled; strings are
 one-hot encoded (``"name=value"`` columns). All columns are standardized with
 the mean and standard deviation over the training tasks.
+
+Extrapolation. The predictor only knows the tasks it was fitted on. For each
+numeric column (log10-scaled where the column is) it keeps the fitted range
+``[low, high]`` over the training tasks; a task's *extrapolation distance* is
+the largest ``excess / (high - low)`` over the columns, ``excess`` being how far
+the task's value lies outside the range (0 inside it; infinite outside a column
+that was constant in fitting, and for a string value never seen in fitting).
+:meth:`Predictor.predict` and :meth:`Predictor.suggest` refuse a task whose
+distance exceeds 1, that is a feature beyond the fitted min or max by more than
+the fitted range's width, unless called with ``extrapolate=True``. For any task
+outside the range (distance ``r > 0``) the reported ``uncertainty`` ``s`` is
+inflated towards ``UNKNOWN_STD`` = 1/sqrt(12), the spread of a quantile about
+which nothing is known (uniform on (0, 1)): ``s + (UNKNOWN_STD - s) * r / (1 + r)``,
+halfway there at the edge of what is accepted without ``extrapolate`` and all
+the way for an infinite distance. Values a task cannot have (``n_train <= 0``,
+``epochs <= 0``, fractions outside [0, 1]: ``features.FEATURE_DOMAINS``) and
+non-finite ones are refused even with ``extrapolate=True``.
 """
 
 from __future__ import annotations
@@ -39,13 +56,21 @@ import numpy as np
 import optax
 from scipy.stats import rankdata
 
+from metaopt.hparams.features import FEATURE_DOMAINS
 from metaopt.hparams.space import Space
 from metaopt.hparams.store import MODES
 from metaopt.unroll import unroll
-from metaopt.validation import check_choice, check_int, is_number
+from metaopt.validation import check_choice, check_int, check_number, is_number
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: the fitted range of each feature column (features.low, .high)
 FEATURE_CLIP = 3.0   # standardized meta-features are clipped to [-3, 3]
+UNKNOWN_STD = 1.0 / math.sqrt(12.0)  # std of a quantile uniform on (0, 1): no information
+# Bounds on the work one call may ask for (a typo such as -k 100000 errs instead of hanging).
+MAX_STEPS = 1_000_000
+MAX_ENSEMBLE = 100
+MAX_K = 1000
+MAX_CANDIDATES = 100_000
+MAX_REFINE = 20
 _JSON_NAME = "predictor.json"
 _WEIGHTS_NAME = "predictor.msgpack"
 
@@ -70,6 +95,8 @@ class FeatureSpec(NamedTuple):
   log: tuple[bool, ...]           # per column: log10 before standardizing
   mean: np.ndarray
   std: np.ndarray
+  low: np.ndarray                 # per column: the fitted range over the training tasks
+  high: np.ndarray
 
 
 def _numeric_feature(x) -> bool:
@@ -114,11 +141,13 @@ def _feature_columns(task_features: Mapping[str, Mapping[str, Any]],
   x = np.stack(values, axis=1) if values else np.zeros((len(task_features), 0))
   mean, std = x.mean(axis=0), x.std(axis=0)
   std = np.where(std > 1e-8, std, 1.0)
-  return FeatureSpec(names, tuple(columns), tuple(sources), tuple(levels), tuple(logs), mean, std)
+  return FeatureSpec(names, tuple(columns), tuple(sources), tuple(levels), tuple(logs), mean, std,
+                     x.min(axis=0), x.max(axis=0))
 
 
-def _feature_vector(spec: FeatureSpec, features: Mapping[str, Any], task: str = "the task") -> np.ndarray:
-  """Standardized input columns of one task's features; ValueError naming missing ones."""
+def _column_values(spec: FeatureSpec, features: Mapping[str, Any], task: str) -> np.ndarray:
+  """The input columns of one task's features before standardizing; ValueError naming
+  missing or non-finite ones."""
   if not isinstance(features, Mapping):
     raise ValueError(f"task features must be a mapping of name to value, got {features!r}")
   missing = [n for n in spec.names if n not in features]
@@ -139,11 +168,62 @@ def _feature_vector(spec: FeatureSpec, features: Mapping[str, Any], task: str = 
       if v <= 0:
         raise ValueError(f"meta-feature {col!r} of {task} must be positive (it is log-scaled), "
                          f"got {v!r}")
-      v = math.log10(v)
+      v = float(np.log10(v))  # as in fitting, so a training task is exactly at its value
     out[i] = v
+  return out
+
+
+def _standardize(spec: FeatureSpec, columns: np.ndarray) -> np.ndarray:
   # Clipped: a task far outside the stored ones gets the prediction of the
   # nearest edge instead of an extrapolation.
-  return np.clip((out - spec.mean) / spec.std, -FEATURE_CLIP, FEATURE_CLIP).astype(np.float32)
+  return np.clip((columns - spec.mean) / spec.std, -FEATURE_CLIP, FEATURE_CLIP).astype(np.float32)
+
+
+def _feature_vector(spec: FeatureSpec, features: Mapping[str, Any], task: str = "the task") -> np.ndarray:
+  """Standardized input columns of one task's features; ValueError naming missing ones."""
+  return _standardize(spec, _column_values(spec, features, task))
+
+
+def _extrapolation(spec: FeatureSpec, features: Mapping[str, Any], columns: np.ndarray,
+                   task: str) -> tuple[float, str]:
+  """The extrapolation distance of a task (see the module docstring) and a sentence
+  on its farthest feature ("" inside the fitted range)."""
+  worst, reason = 0.0, ""
+  seen: dict[str, list[str]] = {}
+  for name, level in zip(spec.sources, spec.levels):
+    if level is not None:
+      seen.setdefault(name, []).append(level)
+  for name, levels in seen.items():
+    if str(features[name]) not in levels:
+      return math.inf, (f"meta-feature {name!r} of {task} is {features[name]!r}, a value not "
+                        f"seen in fitting (seen: {', '.join(map(repr, levels))})")
+  for i, (col, level, log) in enumerate(zip(spec.columns, spec.levels, spec.log)):
+    if level is not None:
+      continue
+    lo, hi, x = float(spec.low[i]), float(spec.high[i]), float(columns[i])
+    excess = max(lo - x, x - hi, 0.0)
+    if excess <= 1e-9 * max(1.0, abs(lo), abs(hi)):  # rounding, e.g. a JSON round trip
+      continue
+    spread = hi - lo
+    r = excess / spread if spread > 0 else math.inf
+    if r > worst:
+      shown = lambda v: f"{10 ** v:.6g}" if log else f"{v:.6g}"
+      fitted = (f"the predictor was fitted on {col} = {shown(lo)} only" if spread == 0 else
+                f"the fitted range is [{shown(lo)}, {shown(hi)}]")
+      worst, reason = r, (f"meta-feature {col!r} of {task} is {shown(x)}, far outside what "
+                          f"the predictor knows ({fitted})")
+  return worst, reason
+
+
+def _check_domains(features: Mapping[str, Any], names: Sequence[str], task: str) -> None:
+  """Values no task can have (n_train <= 0, a fraction above 1) are refused outright."""
+  if not isinstance(features, Mapping):
+    return  # named by _column_values
+  for name in names:
+    if name in FEATURE_DOMAINS and name in features:
+      low, high, low_open = FEATURE_DOMAINS[name]
+      check_number(f"meta-feature {name!r} of {task}", features[name], low=low, high=high,
+                   low_open=low_open)
 
 
 def _get(run, name):
@@ -194,8 +274,9 @@ class Predictor:
     """
     start = time.perf_counter()
     check_choice("mode", mode, MODES)
-    for label, v in (("ensemble", ensemble), ("steps", steps), ("batch_size", batch_size)):
-      check_int(label, v)
+    check_int("steps", steps, high=MAX_STEPS)
+    check_int("ensemble", ensemble, high=MAX_ENSEMBLE)
+    check_int("batch_size", batch_size)
     runs = list(store.runs()) if hasattr(store, "runs") else list(store)
     if not runs:
       raise ValueError("the store has no runs to fit the predictor on")
@@ -232,8 +313,12 @@ class Predictor:
     # Per-task quantile targets; non-completed or metric-less runs rank last.
     sign = 1.0 if mode == "max" else -1.0
     raw = np.array([float((_get(r, "metrics") or {}).get(metric, np.nan)) for r in runs])
-    ok = np.isfinite(raw) & np.array([(_get(r, "status") or "completed") == "completed"
-                                      for r in runs])
+    completed = np.array([(_get(r, "status") or "completed") == "completed" for r in runs])
+    ok = np.isfinite(raw) & completed
+    if not ok.any():
+      raise ValueError(f"none of the {len(runs)} runs completed with a finite {metric!r} "
+                       f"({int((~completed).sum())} did not complete, "
+                       f"{int((~np.isfinite(raw)).sum())} have no finite value): nothing to fit")
     target = np.empty(len(runs), np.float32)
     position = {t: j for j, t in enumerate(task_ids)}
     task_index = np.array([position[t] for t in tasks])
@@ -277,23 +362,48 @@ class Predictor:
 
   # -- prediction ---------------------------------------------------------------------
   def feature_vector(self, task_features: Mapping[str, Any]) -> np.ndarray:
-    """The standardized network input for a task's meta-features."""
+    """The standardized network input for a task's meta-features (no range check)."""
     return _feature_vector(self.features, task_features)
 
+  def extrapolation(self, task_features: Mapping[str, Any]) -> float:
+    """How far the task lies outside the tasks the predictor was fitted on: 0 inside
+    their range, above 1 where :meth:`suggest` needs ``extrapolate=True`` (see the
+    module docstring)."""
+    columns = _column_values(self.features, task_features, "the task")
+    return _extrapolation(self.features, task_features, columns, "the task")[0]
+
+  def _task_input(self, task_features: Mapping[str, Any], extrapolate: bool
+                  ) -> tuple[np.ndarray, float]:
+    """The network input and the extrapolation distance of a task the predictor may
+    answer for; ValueError for impossible values and, unless ``extrapolate``, for a
+    task far outside the fitted range."""
+    task = "the task"
+    _check_domains(task_features, self.features.names, task)
+    columns = _column_values(self.features, task_features, task)
+    distance, reason = _extrapolation(self.features, task_features, columns, task)
+    if distance > 1.0 and not extrapolate:
+      raise ValueError(f"{reason}; the prediction would be a guess: pass extrapolate=True "
+                       "(metaopt hparams suggest --extrapolate) to get it anyway, with an "
+                       "uncertainty inflated accordingly")
+    return _standardize(self.features, columns), distance
+
   def predict(self, task_features: Mapping[str, Any],
-              hparams: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> dict:
+              hparams: Sequence[Mapping[str, Any]] | Mapping[str, Any], *,
+              extrapolate: bool = False) -> dict:
     """Ensemble mean and standard deviation of the predicted quantile of each
-    configuration on the task: ``{"predicted": [n], "uncertainty": [n]}``."""
+    configuration on the task: ``{"predicted": [n], "uncertainty": [n]}``.
+    A task far outside the fitted range is refused unless ``extrapolate``; outside
+    it the uncertainty is inflated (see the module docstring)."""
     if isinstance(hparams, Mapping):
       hparams = [hparams]
-    f = self.feature_vector(task_features)
+    f, distance = self._task_input(task_features, extrapolate)
     u = np.stack([self.space.encode(h) for h in hparams]).astype(np.float32)
     mean, std = _score(self._net, self.params, jnp.asarray(f), jnp.asarray(u))
-    return {"predicted": np.asarray(mean), "uncertainty": np.asarray(std)}
+    return {"predicted": np.asarray(mean), "uncertainty": _inflate(np.asarray(std), distance)}
 
   def suggest(self, task_features: Mapping[str, Any], k: int = 1, *, candidates: int = 4096,
               refine: int = 3, min_distance: float = 0.1, risk: float = 1.0,
-              seed: int = 0) -> list[dict]:
+              seed: int = 0, extrapolate: bool = False) -> list[dict]:
     """The ``k`` configurations of the space with the best predicted outcome.
 
     Scores ``candidates`` random points of the space plus the best stored
@@ -304,31 +414,42 @@ class Predictor:
     extrapolation), distinct and, best first, at
     least ``min_distance`` apart in the encoded space (Euclidean) when the space
     allows, best first, each ``{"hparams", "predicted", "uncertainty"}``.
+
+    A task far outside the range of the tasks the predictor was fitted on is
+    refused unless ``extrapolate``; outside that range the reported uncertainty
+    is inflated (the same for every configuration, so the ranking uses the
+    ensemble's own spread). ``k`` is at most 1000, ``candidates`` 100,000.
     """
-    check_int("k", k)
-    check_int("candidates", candidates)
-    f = self.feature_vector(task_features)
+    check_int("k", k, high=MAX_K)
+    check_int("candidates", candidates, high=MAX_CANDIDATES)
+    check_int("refine", refine, low=0, high=MAX_REFINE)
+    min_distance = check_number("min_distance", min_distance, low=0)
+    risk = check_number("risk", risk)
+    f, distance = self._task_input(task_features, extrapolate)
     u, mean, std = _search(self._net, self.params, self.space, f, self.anchors,
                            np.random.default_rng(seed), candidates=candidates,
-                           refine=refine, top=max(64, 4 * k), risk=float(risk))
+                           refine=refine, top=max(64, 4 * k), risk=risk)
     u, mean, std = np.asarray(u, np.float64), np.asarray(mean), np.asarray(std)
     order = np.argsort(-(mean - risk * std), kind="stable")[:max(512, 8 * k)]
-    chosen, configs = [], []
+    # Sets and one array of the chosen points: k up to 1000 stays fast.
+    chosen, taken, configs = [], set(), set()
+    picked = np.empty((k, u.shape[1]))
     for radius in (min_distance, 0.0):
       for i in order:
-        if len(chosen) == k:
+        n = len(chosen)
+        if n == k:
           break
-        if i in chosen or any(np.linalg.norm(u[i] - u[j]) < radius for j in chosen):
+        if i in taken or (n and np.min(np.linalg.norm(picked[:n] - u[i], axis=1)) < radius):
           continue
-        h = self.space.decode(u[i])
-        if h not in configs:
+        config = tuple(sorted(self.space.decode(u[i]).items()))
+        if config not in configs:
+          picked[n] = u[i]
           chosen.append(i)
-          configs.append(h)
-    out = []
-    for i in chosen:
-      out.append({"hparams": self.space.decode(u[i]), "predicted": float(mean[i]),
-                  "uncertainty": float(std[i])})
-    return out
+          taken.add(i)
+          configs.add(config)
+    inflated = _inflate(std, distance)
+    return [{"hparams": self.space.decode(u[i]), "predicted": float(mean[i]),
+             "uncertainty": float(inflated[i])} for i in chosen]
 
   # -- persistence --------------------------------------------------------------------
   def save(self, path) -> pathlib.Path:
@@ -340,7 +461,9 @@ class Predictor:
                 mode=self.mode, hidden=list(self.hidden), space=self.space.to_json(),
                 features=dict(names=list(self.features.names), columns=list(self.features.columns),
                               sources=list(self.features.sources),
-                              levels=list(self.features.levels), log=list(self.features.log)),
+                              levels=list(self.features.levels), log=list(self.features.log),
+                              low=[float(v) for v in self.features.low],
+                              high=[float(v) for v in self.features.high]),
                 info=self.info)
     state = dict(params=self.params, feature_mean=np.asarray(self.features.mean),
                  feature_std=np.asarray(self.features.std), anchors=self.anchors)
@@ -364,19 +487,52 @@ class Predictor:
       raise ValueError(f"{path / _JSON_NAME} is not a saved metaopt predictor")
     if meta.get("version") != FORMAT_VERSION:
       raise ValueError(f"{path} holds predictor format version {meta.get('version')!r}; this "
-                       f"metaopt reads version {FORMAT_VERSION}")
+                       f"metaopt reads version {FORMAT_VERSION} (refit: metaopt hparams fit)")
     try:
       state = flax.serialization.msgpack_restore((path / _WEIGHTS_NAME).read_bytes())
     except Exception as e:  # msgpack raises several types on corrupt input
       raise ValueError(f"{path / _WEIGHTS_NAME} is not a readable predictor weights file "
                        f"({type(e).__name__})") from None
-    f = meta["features"]
-    spec = FeatureSpec(tuple(f["names"]), tuple(f["columns"]), tuple(f["sources"]),
-                       tuple(f["levels"]), tuple(f["log"]),
-                       np.asarray(state["feature_mean"]), np.asarray(state["feature_std"]))
-    return cls(params=state["params"], space=Space.from_json(meta["space"]), features=spec,
-               metric=meta["metric"], mode=meta["mode"], hidden=meta["hidden"],
-               anchors=np.asarray(state["anchors"]), info=meta.get("info"))
+    json_file, weights_file = path / _JSON_NAME, path / _WEIGHTS_NAME
+    meta_at = lambda key: _lookup(meta, key, json_file)
+    state_at = lambda key: _lookup(state, key, weights_file)
+    columns = tuple(meta_at("features.columns"))
+    arrays = {}
+    for key, source, value in (
+        ("feature_mean", weights_file, state_at("feature_mean")),
+        ("feature_std", weights_file, state_at("feature_std")),
+        ("features.low", json_file, meta_at("features.low")),
+        ("features.high", json_file, meta_at("features.high"))):
+      arrays[key] = np.asarray(value, np.float64).reshape(-1)
+      if arrays[key].shape != (len(columns),):
+        raise ValueError(f"{source}: {key!r} has {arrays[key].size} values for "
+                         f"{len(columns)} feature columns")
+    spec = FeatureSpec(tuple(meta_at("features.names")), columns,
+                       tuple(meta_at("features.sources")), tuple(meta_at("features.levels")),
+                       tuple(meta_at("features.log")), arrays["feature_mean"],
+                       arrays["feature_std"], arrays["features.low"], arrays["features.high"])
+    return cls(params=state_at("params"), space=Space.from_json(meta_at("space")),
+               features=spec, metric=meta_at("metric"), mode=meta_at("mode"),
+               hidden=meta_at("hidden"), anchors=np.asarray(state_at("anchors")),
+               info=meta.get("info"))
+
+
+def _inflate(std: np.ndarray, distance: float) -> np.ndarray:
+  """The ensemble's spread moved towards UNKNOWN_STD by ``distance / (1 + distance)``."""
+  if distance <= 0:
+    return std
+  weight = 1.0 if math.isinf(distance) else distance / (1.0 + distance)
+  return np.maximum(std, std + (UNKNOWN_STD - std) * weight)
+
+
+def _lookup(tree, path: str, source) -> Any:
+  """``tree[a][b]`` for ``path`` "a.b"; ValueError naming the key ``source`` lacks."""
+  for key in path.split("."):
+    if not isinstance(tree, Mapping) or key not in tree:
+      raise ValueError(f"{source} lacks the key {path!r}; it is not a complete saved predictor "
+                       "(save it again, or refit)")
+    tree = tree[key]
+  return tree
 
 
 def _has(run, name) -> bool:

@@ -6,7 +6,10 @@ software versions that produced it. Several processes may write into one file
 at once (WAL journal + busy timeout: writers wait for each other instead of
 failing). Dict-valued columns are JSON text; a row that does not decode (e.g.
 written half-way or by another program) is skipped with a warning, never losing
-the rest.
+the rest. Every value is checked before it is written (finite numbers that fit
+a float64, bounded strings and nesting), so whatever is stored can be read back
+and learned from. Opening runs ``PRAGMA quick_check``: a damaged file is opened
+read-only, or refused, and never written.
 
 Runs logged elsewhere come in through JSON Lines or CSV; see ``docs/run_store.md``.
 """
@@ -19,17 +22,20 @@ import functools
 import importlib.metadata
 import json
 import math
-import numbers
 import os
 import pathlib
 import platform
+import re
+import reprlib
 import sqlite3
+import stat
 import time
 import warnings
 from typing import Any, Iterable, Iterator, NamedTuple, Optional, Union
 
 import numpy as np
 
+from metaopt.validation import check_choice, check_int, is_integer
 from metaopt.validation import is_number as _is_number
 
 SCHEMA_VERSION = 1
@@ -37,6 +43,15 @@ FORMAT = "metaopt-runstore"
 STATUSES: tuple[str, ...] = ("completed", "diverged", "failed")
 MODES: tuple[str, ...] = ("max", "min")  # which values of a metric are better
 BUSY_TIMEOUT_MS = 60_000
+CONFLICTS: tuple[str, ...] = ("error", "skip")  # add_many(on_conflict=...)
+
+# Bounds on what a row may hold, so that every stored value can be read back and used.
+MAX_TEXT = 10_000        # characters of a task, run_key, name, hparam or version string
+MAX_JSON = 1_000_000     # characters of the model or extra column as JSON
+MAX_DEPTH = 32           # nesting levels of model and extra
+INT64 = (-2 ** 63, 2 ** 63 - 1)  # integer hparams and integers in model / extra
+_JSON_INT_DIGITS = 400   # a JSON integer with more digits cannot fit in a float64
+_CSV_RECORD_LINES = 1000  # a CSV record spanning more lines is malformed (an unclosed quote)
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
 _JSON_COLUMNS = ("task_features", "model", "hparams", "metrics", "curves", "versions", "extra")
@@ -92,6 +107,11 @@ class ImportReport(NamedTuple):
   rejected: list
 
 
+class StoreAccessError(PermissionError, ValueError):
+  """The store's file or folder may not be read or written by this user. A ValueError
+  too, so whatever reports ValueErrors in one line (the CLI) reports this one."""
+
+
 @functools.lru_cache(maxsize=1)
 def software_versions() -> dict[str, str]:
   """Versions of python, jax, jaxlib, flax, optax and metaopt in this process."""
@@ -110,6 +130,26 @@ def _now() -> str:
 
 # ----------------------------------------------------------------------------- validation
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlevel = 3
+
+
+def _digits(n: int) -> int:
+  """About how many decimal digits ``n`` has (without str(): it refuses > 4300 digits)."""
+  return int(abs(n).bit_length() * 0.30103) + 1
+
+
+def _show(v: Any) -> str:
+  """A short repr for messages; safe for huge integers, long strings, deep nesting."""
+  if is_integer(v) and abs(int(v)).bit_length() > 128:
+    return f"an integer of about {_digits(int(v))} digits"
+  try:
+    return _REPR.repr(v)
+  except Exception:  # a foreign object whose repr fails
+    return f"a {type(v).__name__}"
+
+
 def _scalar(x: Any) -> Any:
   """numpy / jax 0-d values -> Python scalars; anything else unchanged."""
   if isinstance(x, np.generic):
@@ -119,54 +159,85 @@ def _scalar(x: Any) -> Any:
   return x
 
 
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that surrogateescape could not decode
+
+
+def _text(where: str, value: str, limit: Optional[int] = MAX_TEXT) -> str:
+  """A string that SQLite and the exports can write: bounded, valid Unicode."""
+  if limit is not None and len(value) > limit:
+    raise ValueError(f"{where} must be at most {limit} characters, got {len(value)}")
+  if not value.isascii():
+    try:
+      value.encode("utf-8")
+    except UnicodeEncodeError:
+      raise ValueError(f"{where} is not valid Unicode text (it holds a lone surrogate), "
+                       f"got {_show(value)}") from None
+  return value
+
+
 def _check_name(where: str, name: Any) -> None:
   if not isinstance(name, str) or not name:
-    raise ValueError(f"{where}: names must be non-empty strings, got {name!r}")
+    raise ValueError(f"{where}: names must be non-empty strings, got {_show(name)}")
+  _text(f"{where}: name", name)
 
 
 def _check_dict(where: str, value: Any) -> dict:
   if not isinstance(value, dict):
     raise ValueError(f"{where} must be a dict of name -> value, got {type(value).__name__} "
-                     f"{value!r:.80}")
+                     f"{_show(value)}")
   for name in value:
     _check_name(where, name)
   return value
 
 
+def _float(where: str, v: Any, *, finite: bool) -> float:
+  """``v`` as a float64; ValueError (never OverflowError) when it is not a number or
+  does not fit, or is not finite when ``finite``."""
+  if not _is_number(v):
+    raise ValueError(f"{where} must be {'a finite' if finite else 'a'} number, got {_show(v)}")
+  try:
+    x = float(v)
+  except OverflowError:  # an int (or Fraction) beyond about 1.8e308
+    raise ValueError(f"{where} must fit in a float64 (magnitude below 1.8e308), "
+                     f"got {_show(v)}") from None
+  if finite and not math.isfinite(x):
+    raise ValueError(f"{where} must be a finite number, got {_show(v)}")
+  return x
+
+
+def _int64(where: str, v: Any) -> int:
+  if abs(int(v)).bit_length() > 64:  # before check_int, whose message prints the value
+    raise ValueError(f"{where} must be an integer in [{INT64[0]}, {INT64[1]}], "
+                     f"got {_show(v)}")
+  return check_int(where, v, low=INT64[0], high=INT64[1])
+
+
 def _features(value: Any) -> dict[str, float]:
-  out = {}
-  for name, v in _check_dict("task_features", value).items():
-    v = _scalar(v)
-    if not _is_number(v) or not math.isfinite(v):
-      raise ValueError(f"task_features[{name!r}] must be a finite number, got {v!r}")
-    out[name] = float(v)
-  return out
+  return {name: _float(f"task_features[{name!r}]", _scalar(v), finite=True)
+          for name, v in _check_dict("task_features", value).items()}
 
 
 def _metrics(value: Any) -> dict[str, float]:
   out = {}
   for name, v in _check_dict("metrics", value).items():
     v = _scalar(v)
-    if v is None:  # how JSON spells a non-finite metric
-      v = math.nan
-    if not _is_number(v):
-      raise ValueError(f"metrics[{name!r}] must be a number, got {v!r}")
-    out[name] = float(v)
+    # None is how JSON spells a non-finite metric.
+    out[name] = math.nan if v is None else _float(f"metrics[{name!r}]", v, finite=False)
   return out
 
 
 def _json_scalar(where: str, v: Any) -> Any:
   v = _scalar(v)
-  if isinstance(v, bool) or v is None or isinstance(v, str):
+  if isinstance(v, bool) or v is None:
     return v
-  if isinstance(v, numbers.Integral):
-    return int(v)
+  if isinstance(v, str):
+    return _text(where, v)
+  if is_integer(v):
+    return _int64(where, v)
   if _is_number(v):
-    if not math.isfinite(v):
-      raise ValueError(f"{where} must be finite, got {v!r}")
-    return float(v)
+    return _float(where, v, finite=True)
   raise ValueError(f"{where} must be a number, string, bool or null, got "
-                   f"{type(v).__name__} {v!r:.80}")
+                   f"{type(v).__name__} {_show(v)}")
 
 
 def _hparams(value: Any) -> dict:
@@ -185,21 +256,44 @@ def _curves(value: Any) -> dict[str, list]:
     vals = []
     for x in v:
       x = _scalar(x)
-      if x is None:
-        x = math.nan
-      if not _is_number(x):
-        raise ValueError(f"curves[{name!r}] must be a list of numbers, got element {x!r}")
-      vals.append(float(x))
+      if x is not None and not _is_number(x):
+        raise ValueError(f"curves[{name!r}] must be a list of numbers, got element {_show(x)}")
+      vals.append(math.nan if x is None else _float(f"curves[{name!r}]", x, finite=False))
     out[name] = vals
   return out
 
 
+def _check_json(where: str, value: Any, depth: int = 0) -> None:
+  """Bounded nesting, int64 integers and valid strings (recursion stops at MAX_DEPTH)."""
+  value = _scalar(value)
+  if isinstance(value, str):
+    _text(where, value, limit=None)  # the whole column is bounded by MAX_JSON
+  elif is_integer(value):
+    _int64(where, value)
+  elif _is_number(value):
+    _float(where, value, finite=False)  # non-finite is stored as null
+  elif isinstance(value, (dict, list, tuple)):
+    if depth >= MAX_DEPTH:
+      raise ValueError(f"{where} is nested more than {MAX_DEPTH} levels deep")
+    if isinstance(value, dict):
+      for k in value:
+        if isinstance(k, str):
+          _text(f"{where}: key", k)
+      value = value.values()
+    for v in value:
+      _check_json(where, v, depth + 1)
+
+
 def _jsonable(where: str, value: Any) -> dict:
   value = {} if value is None else _check_dict(where, value)
+  _check_json(where, value)
   try:
-    return json.loads(_dumps(value))
+    text = _dumps(value)
   except (TypeError, ValueError) as e:
     raise ValueError(f"{where} must be JSON-serializable: {e}") from None
+  if len(text) > MAX_JSON:
+    raise ValueError(f"{where} must be at most {MAX_JSON} characters as JSON, got {len(text)}")
+  return json.loads(text)
 
 
 def _finite_or_none(x: Any) -> Any:
@@ -218,45 +312,92 @@ def _dumps(value: Any) -> str:
                     separators=(",", ":"))
 
 
+def _created(value: Any) -> str:
+  """An ISO 8601 time as a normalized UTC string; None is now."""
+  if value is None:
+    return _now()
+  if isinstance(value, datetime.datetime):
+    t = value
+  else:
+    if not isinstance(value, str) or len(value) > 64:
+      raise ValueError(f"created must be an ISO 8601 date and time string such as "
+                       f"'2024-05-01T12:00:00+00:00', got {_show(value)}")
+    try:
+      t = datetime.datetime.fromisoformat(value)
+    except ValueError:
+      raise ValueError(f"created must be an ISO 8601 date and time such as "
+                       f"'2024-05-01T12:00:00+00:00', got {_show(value)}") from None
+  if t.tzinfo is None:  # naive times are taken as UTC, as add() records them
+    t = t.replace(tzinfo=datetime.timezone.utc)
+  try:
+    t = t.astimezone(datetime.timezone.utc)
+  except OverflowError:  # e.g. year 1 with a positive offset
+    raise ValueError(f"created is out of range in UTC, got {_show(value)}") from None
+  return t.isoformat(timespec="microseconds")
+
+
+def _version(name: str, v: Any) -> str:
+  v = _scalar(v)
+  if not isinstance(v, (str, bool)) and not _is_number(v):
+    raise ValueError(f"versions[{name!r}] must be a string, got {type(v).__name__} {_show(v)}")
+  if is_integer(v) and abs(int(v)).bit_length() > 64:
+    raise ValueError(f"versions[{name!r}] must be a string, got {_show(v)}")
+  return _text(f"versions[{name!r}]", str(v))
+
+
 def validate_row(row: dict) -> dict:
   """A run row checked and normalized (the columns ``add`` takes); ValueError names the problem."""
+  try:
+    return _validate_row(row)
+  except OverflowError as e:  # a safety net: the checks above should catch these first
+    raise ValueError(f"a number is out of range: {e}") from None
+  except RecursionError:
+    raise ValueError("a value is nested too deeply (or contains itself)") from None
+
+
+def _validate_row(row: dict) -> dict:
   if not isinstance(row, dict):
     raise ValueError(f"a run row must be a JSON object, got {type(row).__name__}")
-  unknown = sorted(set(row) - set(ROW_KEYS))
+  unknown = sorted(_show(k) for k in row if k not in ROW_KEYS)
   if unknown:
-    raise ValueError(f"unknown field(s) {', '.join(map(repr, unknown))}; accepted: "
+    raise ValueError(f"unknown field(s) {', '.join(unknown)}; accepted: "
                      f"{', '.join(ROW_KEYS)}")
   missing = [k for k in _REQUIRED if k not in row]
   if missing:
     raise ValueError(f"missing required field(s) {', '.join(map(repr, missing))}")
   task = row["task"]
   if not isinstance(task, str) or not task:
-    raise ValueError(f"task must be a non-empty string, got {task!r}")
+    raise ValueError(f"task must be a non-empty string, got {_show(task)}")
+  _text("task", task)
   status = row.get("status", "completed")
   if status is None:
     status = "completed"
-  if status not in STATUSES:
-    raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+  if not isinstance(status, str) or status not in STATUSES:
+    raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {_show(status)}")
   wall_time = _scalar(row.get("wall_time"))
   if wall_time is not None:
-    if not _is_number(wall_time) or not math.isfinite(wall_time) or wall_time < 0:
-      raise ValueError(f"wall_time must be a number of seconds >= 0 or null, got {wall_time!r}")
-    wall_time = float(wall_time)
+    try:
+      seconds = _float("wall_time", wall_time, finite=True)
+    except ValueError:
+      seconds = -1.0
+    if seconds < 0:
+      raise ValueError(f"wall_time must be a number of seconds >= 0 or null, got "
+                       f"{_show(wall_time)}")
+    wall_time = seconds
   run_key = row.get("run_key")
-  if run_key is not None and (not isinstance(run_key, str) or not run_key):
-    raise ValueError(f"run_key must be a non-empty string or null, got {run_key!r}")
+  if run_key is not None:
+    if not isinstance(run_key, str) or not run_key:
+      raise ValueError(f"run_key must be a non-empty string or null, got {_show(run_key)}")
+    _text("run_key", run_key)
   versions = row.get("versions")
   if versions is None:
     versions = software_versions()
-  versions = {k: str(v) for k, v in _check_dict("versions", versions).items()}
-  created = row.get("created") or _now()
-  if not isinstance(created, str):
-    raise ValueError(f"created must be an ISO 8601 string, got {created!r}")
+  versions = {k: _version(k, v) for k, v in _check_dict("versions", versions).items()}
   return dict(
       run_key=run_key, task=task, task_features=_features(row["task_features"]),
       model=_jsonable("model", row.get("model")), hparams=_hparams(row["hparams"]),
       metrics=_metrics(row["metrics"]), curves=_curves(row.get("curves")), status=status,
-      wall_time=wall_time, versions=versions, created=created,
+      wall_time=wall_time, versions=versions, created=_created(row.get("created")),
       extra=_jsonable("extra", row.get("extra")))
 
 
@@ -283,59 +424,171 @@ def _from_sql(values: tuple) -> Run:
 
 # ----------------------------------------------------------------------------- the store
 
-class RunStore:
-  """A run store in an SQLite file; a path that does not exist yet creates one.
+_INSERT = (f"INSERT INTO runs ({', '.join(_COLUMNS[1:])}) "
+           f"VALUES ({', '.join('?' * (len(_COLUMNS) - 1))})")
 
-  ``RunStore(path)`` raises ValueError if the file is not a run store or was
-  written by a newer schema version. Use as a context manager or ``close()``.
+
+def _guarded(method):
+  """A public method of an open store, sqlite3 errors turned into one-line ValueErrors."""
+  @functools.wraps(method)
+  def run(self, *args, **kwargs):
+    self._conn()  # a closed store says so instead of failing on None
+    try:
+      return method(self, *args, **kwargs)
+    except sqlite3.Error as e:
+      raise self._error(e) from None
+  return run
+
+
+class RunStore:
+  """A run store in an SQLite file.
+
+  ``RunStore(path)`` opens the store at ``path``, creating it when the path does
+  not exist yet or is an empty (0-byte) file. ``RunStore(path, create=False)``
+  opens a store that must exist already (for readers): FileNotFoundError if
+  there is no file, ValueError if it is empty.
+
+  Opening raises ValueError if the file is not a run store, was written by a newer
+  schema version, or is too damaged to read; every refused file is left untouched.
+  A file that ``PRAGMA quick_check`` finds damaged but that still opens is opened
+  read-only (``damaged`` holds the finding, a RuntimeWarning says so): writing
+  raises ValueError. A folder or file this user may not write raises
+  StoreAccessError (a PermissionError and a ValueError). Every method of a closed
+  store raises ValueError. Use as a context manager or ``close()``.
   """
 
-  def __init__(self, path: Union[str, os.PathLike]):
+  def __init__(self, path: Union[str, os.PathLike], *, create: bool = True):
+    self._db: Optional[sqlite3.Connection] = None
     self.path = pathlib.Path(path)
-    if self.path.is_dir():
-      raise ValueError(f"run store path {str(self.path)!r} is a directory; pass a file path")
-    if not self.path.parent.exists():
-      raise FileNotFoundError(f"folder {str(self.path.parent)!r} of run store does not exist")
-    existed = self.path.exists() and self.path.stat().st_size > 0
-    if existed:
-      with open(self.path, "rb") as f:
-        if f.read(len(_SQLITE_HEADER)) != _SQLITE_HEADER:
-          raise ValueError(f"{str(self.path)!r} is not a metaopt run store (not an SQLite file)")
-    # Autocommit mode: transactions are explicit BEGIN IMMEDIATE ... COMMIT.
-    self._db = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_MS / 1000,
-                               isolation_level=None, check_same_thread=False)
+    self.damaged: Optional[str] = None  # what quick_check found; the store is then read-only
+    if not isinstance(create, bool):
+      raise ValueError(f"create must be True or False, got {_show(create)}")
+    name = str(self.path)
+    size = self._size()
+    if size is None:
+      if not create:
+        raise FileNotFoundError(f"no run store at {name!r}")
+      if not self.path.parent.is_dir():
+        raise FileNotFoundError(f"folder {str(self.path.parent)!r} of run store does not exist")
+    elif size == 0:
+      if not create:
+        raise ValueError(f"{name!r} is empty (0 bytes), not a run store; it was left untouched")
+    else:
+      self._check_header()
+    existed = bool(size)
     try:
+      # Autocommit mode: transactions are explicit BEGIN IMMEDIATE ... COMMIT. An
+      # existing file is opened with mode=rw so that SQLite never creates one.
+      target = self.path.absolute().as_uri() + "?mode=rw" if existed or not create else name
+      self._db = sqlite3.connect(target, uri=target != name, timeout=BUSY_TIMEOUT_MS / 1000,
+                                 isolation_level=None, check_same_thread=False)
       self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-      self._check_foreign()
+      # Reading only until the file is known to be a healthy run store.
+      if not self._check_foreign() and not create:
+        raise ValueError(f"{name!r} is an empty SQLite database, not a run store; it was "
+                         "left untouched")
+      if existed:
+        self._check_health()
+      if self.damaged is not None:
+        self._db.execute("PRAGMA query_only = ON")
+        warnings.warn(f"run store {name!r} is damaged ({self.damaged}); opened read-only",
+                      RuntimeWarning, stacklevel=2)
+        return
       self._retry(lambda: self._db.execute("PRAGMA journal_mode = WAL"))
       self._db.execute("PRAGMA synchronous = NORMAL")
       with self._transaction():
         self._create_or_check()
-    except sqlite3.DatabaseError as e:
-      self._db.close()
-      raise ValueError(f"{str(self.path)!r} is not a metaopt run store ({e})") from None
+    except sqlite3.Error as e:
+      self.close()
+      raise self._error(e, opening=True) from None
     except BaseException:
-      self._db.close()
+      self.close()
       raise
 
   # -- opening
+
+  def _size(self) -> Optional[int]:
+    """The file's size in bytes, None if there is none; one-line errors for the rest."""
+    name = str(self.path)
+    try:
+      st = self.path.stat()
+    except FileNotFoundError:
+      return None
+    except NotADirectoryError:
+      raise FileNotFoundError(f"folder {str(self.path.parent)!r} of run store is not a "
+                              "folder") from None
+    except PermissionError:
+      raise StoreAccessError(f"cannot open run store {name!r}: permission denied on its "
+                             "folder") from None
+    except OSError as e:
+      raise ValueError(f"cannot open run store {name!r}: {e.strerror}") from None
+    except ValueError as e:  # e.g. an embedded null byte
+      raise ValueError(f"run store path {name!r} is not a valid path: {e}") from None
+    if stat.S_ISDIR(st.st_mode):
+      raise ValueError(f"run store path {name!r} is a directory; pass a file path")
+    return st.st_size
+
+  def _check_header(self) -> None:
+    name = str(self.path)
+    try:
+      with open(self.path, "rb") as f:
+        header = f.read(len(_SQLITE_HEADER))
+    except PermissionError:
+      raise StoreAccessError(f"cannot read run store {name!r}: permission denied") from None
+    except OSError as e:
+      raise ValueError(f"cannot read run store {name!r}: {e.strerror}") from None
+    if header != _SQLITE_HEADER:
+      raise ValueError(f"{name!r} is not a metaopt run store (not an SQLite file)")
+
+  def _check_health(self) -> None:
+    """PRAGMA quick_check: a finding makes the store read-only (an error reading raises)."""
+    found = [r[0] for r in self._db.execute("PRAGMA quick_check(1)").fetchall()]
+    if found != ["ok"]:
+      lines = [line for text in found for line in str(text).splitlines()
+               if line.strip() and not line.startswith("***")]
+      self.damaged = "; ".join(lines) or "quick_check failed"
+
+  def _error(self, e: sqlite3.Error, *, opening: bool = False) -> Exception:
+    """A one-line error naming the store for an sqlite3 error."""
+    name = str(self.path)
+    code = getattr(e, "sqlite_errorname", "") or ""
+    if code.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
+      if opening:
+        return ValueError(f"{name!r} is damaged: {e}; it was left untouched")
+      return ValueError(f"run store {name!r} is damaged: {e}")
+    if code.startswith(("SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_PERM", "SQLITE_AUTH")):
+      folder = self.path.parent
+      if not os.access(folder, os.W_OK | os.X_OK):
+        return StoreAccessError(f"cannot write run store {name!r}: folder {str(folder)!r} is "
+                                "not writable (SQLite keeps -wal and -shm files next to the "
+                                "store)")
+      if self.path.exists() and not os.access(self.path, os.R_OK | os.W_OK):
+        return StoreAccessError(f"cannot write run store {name!r}: the file is read-only for "
+                                "this user")
+      return ValueError(f"cannot open run store {name!r}: {e}")
+    if code.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+      return ValueError(f"run store {name!r} stayed locked by another process for "
+                        f"{BUSY_TIMEOUT_MS // 1000} s ({e})")
+    return ValueError(f"run store {name!r}: {e}")
 
   def _tables(self) -> set[str]:
     rows = self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
     return {r[0] for r in rows}
 
   def _marker(self) -> dict[str, str]:
-    return dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+    return dict(self._conn().execute("SELECT key, value FROM meta").fetchall())
 
-  def _check_foreign(self) -> None:
-    """Refuse an SQLite file of another program before changing anything in it."""
+  def _check_foreign(self) -> set[str]:
+    """Refuse an SQLite file of another program before changing anything in it; the
+    tables of the file (none for a new store)."""
     tables = self._tables()
     if not tables:
-      return
+      return tables
     if "meta" not in tables:
       raise ValueError(f"{str(self.path)!r} is an SQLite database but not a metaopt run store "
                        f"(no meta table; tables: {', '.join(sorted(tables))})")
     self._check_marker(self._marker())
+    return tables
 
   def _check_marker(self, meta: dict[str, str]) -> None:
     if meta.get("format") != FORMAT:
@@ -376,18 +629,29 @@ class RunStore:
       self.store = store
 
     def __enter__(self):
-      self.store._retry(lambda: self.store._db.execute("BEGIN IMMEDIATE"))
-      return self.store._db
+      db = self.store._conn()
+      self.store._retry(lambda: db.execute("BEGIN IMMEDIATE"))
+      return db
 
     def __exit__(self, exc_type, exc, tb):
+      db = self.store._conn()
       if exc_type is None:
-        self.store._retry(lambda: self.store._db.execute("COMMIT"))
-      else:
-        self.store._db.execute("ROLLBACK")
+        self.store._retry(lambda: db.execute("COMMIT"))
+      elif db.in_transaction:
+        try:
+          db.execute("ROLLBACK")
+        except sqlite3.Error:
+          pass  # the original error says more; SQLite rolls back on close anyway
       return False
 
   def _transaction(self) -> "RunStore._Tx":
     return RunStore._Tx(self)
+
+  def _writable(self) -> None:
+    if self.damaged is not None:
+      raise ValueError(f"run store {str(self.path)!r} is damaged ({self.damaged}) and was "
+                       "opened read-only; nothing was written (export_jsonl what is readable "
+                       "and import it into a new store)")
 
   # -- lifecycle
 
@@ -413,38 +677,50 @@ class RunStore:
 
   # -- writing
 
+  @_guarded
   def add(self, task: str, *, task_features: dict, hparams: dict, metrics: dict,
           model: Optional[dict] = None, curves: Optional[dict] = None,
           status: str = "completed", wall_time: Optional[float] = None,
           run_key: Optional[str] = None, extra: Optional[dict] = None,
           versions: Optional[dict] = None, created: Optional[str] = None) -> int:
-    """Record one run and return its id. ``versions`` default to this process's."""
+    """Record one run and return its id. ``versions`` default to this process's,
+    ``created`` (an ISO 8601 time, stored in UTC) to now."""
+    self._writable()
     row = validate_row(dict(task=task, task_features=task_features, hparams=hparams,
                             metrics=metrics, model=model, curves=curves, status=status,
                             wall_time=wall_time, run_key=run_key, extra=extra,
                             versions=versions, created=created))
     return self._insert([row])[0]
 
-  def add_many(self, rows: Iterable[dict]) -> list[int]:
-    """Record several runs (dicts of ``add``'s arguments) in one transaction; all or none."""
+  @_guarded
+  def add_many(self, rows: Iterable[dict], *, on_conflict: str = "error") -> list[int]:
+    """Record several runs (dicts of ``add``'s arguments) in one transaction; all or none.
+
+    ``on_conflict="skip"`` leaves out rows whose run_key is already stored (e.g. written
+    by a worker killed before it could report them) instead of raising; the ids returned
+    are those of the rows added.
+    """
+    check_choice("on_conflict", on_conflict, CONFLICTS)
+    self._writable()
     checked = []
     for i, row in enumerate(rows):
       try:
         checked.append(validate_row(row))
       except ValueError as e:
         raise ValueError(f"row {i}: {e}") from None
-    return self._insert(checked)
+    return self._insert(checked, skip_stored=on_conflict == "skip")
 
-  def _insert(self, rows: list[dict]) -> list[int]:
-    sql = (f"INSERT INTO runs ({', '.join(_COLUMNS[1:])}) "
-           f"VALUES ({', '.join('?' * (len(_COLUMNS) - 1))})")
+  def _insert(self, rows: list[dict], skip_stored: bool = False) -> list[int]:
+    sql = _INSERT + (" ON CONFLICT (run_key) DO NOTHING" if skip_stored else "")
     ids = []
     with self._transaction() as db:
       for row in rows:
         try:
-          ids.append(db.execute(sql, _to_sql(row)).lastrowid)
+          cursor = db.execute(sql, _to_sql(row))
         except sqlite3.IntegrityError:
           raise ValueError(f"run_key {row['run_key']!r} is already in the store") from None
+        if cursor.rowcount == 1:
+          ids.append(cursor.lastrowid)
     return ids
 
   # -- reading
@@ -455,14 +731,15 @@ class RunStore:
     for values in cursor:
       try:
         yield _from_sql(values)
-      except (ValueError, TypeError, KeyError) as e:
+      except (ValueError, TypeError, KeyError, RecursionError) as e:
         warnings.warn(f"run store {str(self.path)!r}: skipping corrupt run id {values[0]}: {e}",
                       RuntimeWarning, stacklevel=3)
 
+  @_guarded
   def runs(self, *, task: Optional[str] = None, status: Optional[str] = None) -> list[Run]:
     """All readable runs in insertion order, optionally only one task and/or status."""
     if status is not None and status not in STATUSES:
-      raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+      raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {_show(status)}")
     clauses, args = [], []
     if task is not None:
       clauses.append("task = ?")
@@ -473,24 +750,29 @@ class RunStore:
     where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
     return list(self._select(where, tuple(args)))
 
+  @_guarded
   def has(self, run_key: str) -> bool:
     """Whether a run with this run_key is stored."""
     row = self._conn().execute("SELECT 1 FROM runs WHERE run_key = ?", (run_key,)).fetchone()
     return row is not None
 
+  @_guarded
   def run_keys(self) -> set[str]:
     """Every stored run_key."""
     rows = self._conn().execute("SELECT run_key FROM runs WHERE run_key IS NOT NULL")
     return {r[0] for r in rows}
 
+  @_guarded
   def tasks(self) -> dict[str, dict]:
     """Task id -> its meta-features (those of the task's most recent readable run)."""
     return {run.task: run.task_features for run in self._select()}
 
+  @_guarded
   def __len__(self) -> int:
     return self._conn().execute("SELECT COUNT(*) FROM runs").fetchone()[0]
 
   @property
+  @_guarded
   def schema_version(self) -> int:
     return int(self._marker()["schema_version"])
 
@@ -499,8 +781,6 @@ class RunStore:
   def _import(self, rows: Iterable[tuple[int, Any]]) -> ImportReport:
     """Insert valid rows in one transaction; (line, reason) for the others."""
     rejected, imported = [], 0
-    sql = (f"INSERT INTO runs ({', '.join(_COLUMNS[1:])}) "
-           f"VALUES ({', '.join('?' * (len(_COLUMNS) - 1))})")
     with self._transaction() as db:
       for line, row in rows:
         if isinstance(row, Exception):
@@ -509,16 +789,19 @@ class RunStore:
         try:
           checked = validate_row({k: v for k, v in row.items() if k != "id"}
                                  if isinstance(row, dict) else row)
-          db.execute(sql, _to_sql(checked))
+          db.execute(_INSERT, _to_sql(checked))
           imported += 1
         except ValueError as e:
           rejected.append((line, str(e)))
         except sqlite3.IntegrityError:
-          rejected.append((line, f"run_key {row.get('run_key')!r} is already in the store"))
+          key = _show(row.get("run_key"))
+          rejected.append((line, f"run_key {key} is already in the store"))
     return ImportReport(imported, rejected)
 
+  @_guarded
   def import_jsonl(self, path: Union[str, os.PathLike]) -> ImportReport:
     """Import runs from JSON Lines, one run per line; bad lines are rejected, the rest kept."""
+    self._writable()
     path = pathlib.Path(path)
     if not path.is_file():
       raise FileNotFoundError(f"no JSON Lines file at {str(path)!r}")
@@ -529,13 +812,12 @@ class RunStore:
           if not raw.strip():
             continue
           try:
-            yield line_no, json.loads(raw.decode("utf-8"))
-          except UnicodeDecodeError as e:
-            yield line_no, ValueError(f"not UTF-8 text: {e.reason} at byte {e.start}")
-          except json.JSONDecodeError as e:
-            yield line_no, ValueError(f"invalid JSON: {e.msg} at column {e.colno}")
+            yield line_no, _json_line(raw)
+          except ValueError as e:
+            yield line_no, e
     return self._import(rows())
 
+  @_guarded
   def export_jsonl(self, path: Union[str, os.PathLike]) -> int:
     """Write every readable run as one JSON object per line (non-finite numbers as null)."""
     count = 0
@@ -545,6 +827,7 @@ class RunStore:
         count += 1
     return count
 
+  @_guarded
   def export_csv(self, path: Union[str, os.PathLike]) -> int:
     """Write every readable run as one CSV row with flattened columns (docs/run_store.md)."""
     runs = list(self._select())
@@ -568,33 +851,126 @@ class RunStore:
         writer.writerow(cells)
     return len(runs)
 
+  @_guarded
   def import_csv(self, path: Union[str, os.PathLike]) -> ImportReport:
-    """Import runs from a CSV in the flattened layout ``export_csv`` writes."""
+    """Import runs from a CSV in the flattened layout ``export_csv`` writes; a malformed
+    record is rejected with its line number, the rest kept."""
+    self._writable()
     path = pathlib.Path(path)
     if not path.is_file():
       raise FileNotFoundError(f"no CSV file at {str(path)!r}")
 
     def rows():
-      with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-          return
-        _check_csv_header(header)
-        for line_no_before, cells in _numbered(reader):
-          try:
-            yield line_no_before, _row_from_csv(header, cells)
-          except ValueError as e:
-            yield line_no_before, e
+      # Undecodable bytes become lone surrogates, so one bad byte rejects one record.
+      with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        yield from _csv_rows(_Lines(f))
     return self._import(rows())
 
 
-def _numbered(reader) -> Iterator[tuple[int, list[str]]]:
-  """CSV records with the line number each starts on (records may span lines)."""
-  start = reader.line_num + 1
-  for cells in reader:
-    yield start, cells
-    start = reader.line_num + 1
+def _json_line(raw: bytes) -> Any:
+  """One JSON Lines line parsed; ValueError (never RecursionError) for a bad one."""
+  try:
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise ValueError(f"not UTF-8 text: {e.reason} at byte {e.start}") from None
+  try:
+    return json.loads(text, parse_int=_json_int)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"invalid JSON: {e.msg} at column {e.colno}") from None
+  except RecursionError:
+    raise ValueError(f"JSON nested too deeply (at most {MAX_DEPTH} levels are "
+                     "accepted)") from None
+
+
+def _json_int(text: str) -> int:
+  """A JSON integer; one too long for a float64 is refused before int() (which refuses
+  more than 4300 digits with a message about sys.set_int_max_str_digits)."""
+  digits = len(text.lstrip("-"))
+  if digits > _JSON_INT_DIGITS:
+    raise ValueError(f"an integer of {digits} digits does not fit in a float64")
+  return int(text)
+
+
+class _RecordTooLong(Exception):
+  pass
+
+
+class _Lines:
+  """Physical lines of a text file for csv.reader: their numbers, the lines the current
+  record took, and lines to read again after a malformed record."""
+
+  def __init__(self, f):
+    self._f = f
+    self._count = 0
+    self._again: list[tuple[int, str]] = []  # a stack: the next line is last
+    self.taken: list[tuple[int, str]] = []
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> str:
+    if len(self.taken) >= _CSV_RECORD_LINES:
+      raise _RecordTooLong(f"a record spans more than {_CSV_RECORD_LINES} lines "
+                           "(an unclosed quote?)")
+    if self._again:
+      item = self._again.pop()
+    else:
+      text = next(self._f)
+      self._count += 1
+      item = (self._count, text)
+    self.taken.append(item)
+    return item[1]
+
+  def again(self, items: list[tuple[int, str]]) -> None:
+    self._again.extend(reversed(items))
+
+
+def _csv_rows(lines: _Lines) -> Iterator[tuple[int, Any]]:
+  """(first line, row dict or ValueError) per CSV record after the header.
+
+  A bad record that spans several lines rejects only its first line: the lines after
+  it are read again as records of their own, so an unclosed quote never swallows the
+  good lines that follow it.
+  """
+  reader = csv.reader(lines, strict=True)
+  try:
+    header = next(reader, None)
+  except (csv.Error, _RecordTooLong) as e:
+    raise ValueError(f"the CSV header is malformed: {e}") from None
+  if header is None:
+    return
+  if any(_NOT_UTF8.search(n) for n in header):
+    raise ValueError("the CSV header is not UTF-8 text")
+  _check_csv_header(header)
+  while True:
+    lines.taken = []
+    row, reason = None, None
+    try:
+      cells = next(reader, None)
+    except (csv.Error, _RecordTooLong) as e:
+      cells = []
+      reason = f"malformed CSV: {e}".replace("unexpected end of data",
+                                             "a quoted field is not closed")
+    taken = lines.taken
+    if cells is None:
+      return
+    if not cells and reason is None:
+      continue  # a blank line
+    bad = reason is None and next((m for m in map(_NOT_UTF8.search, cells) if m), None)
+    if bad:
+      reason = f"not UTF-8 text: invalid byte 0x{ord(bad.group()) - 0xDC00:02x}"
+    if reason is None:
+      try:
+        row = _row_from_csv(header, cells)
+        if len(taken) > 1:
+          validate_row(row)
+      except ValueError as e:
+        reason = str(e)
+    if reason is not None:
+      yield taken[0][0], ValueError(reason)
+      lines.again(taken[1:])
+      continue
+    yield taken[0][0], row
 
 
 def _csv_cell(v: Any) -> str:
@@ -604,9 +980,11 @@ def _csv_cell(v: Any) -> str:
 def _parse_cell(text: str) -> Any:
   """A cell as JSON (numbers, true/false, null, NaN) if it parses, else the string."""
   try:
-    return json.loads(text)
+    return json.loads(text, parse_int=_json_int)
   except json.JSONDecodeError:
     return text
+  except RecursionError:
+    raise ValueError(f"cell {_show(text)} is JSON nested too deeply") from None
 
 
 _CSV_PREFIXES = {"feature": "task_features", "hparam": "hparams", "metric": "metrics",
@@ -619,7 +997,7 @@ def _check_csv_header(header: list[str]) -> None:
   bad = [n for n in header
          if n not in known and not (n.partition(".")[0] in _CSV_PREFIXES and "." in n)]
   if bad:
-    raise ValueError(f"unknown CSV column(s) {', '.join(map(repr, bad))}; accepted: "
+    raise ValueError(f"unknown CSV column(s) {', '.join(map(_show, bad))}; accepted: "
                      "task, status, wall_time, run_key, created, id, feature.<name>, "
                      "hparam.<name>, metric.<name>, model.<name>, curves, versions, extra")
   if "task" not in header:
@@ -637,20 +1015,26 @@ def _row_from_csv(header: list[str], cells: list[str]) -> dict:
     if dot and prefix in _CSV_PREFIXES:
       value = _parse_cell(text)
       if prefix in ("feature", "metric") and not _is_number(value):
-        raise ValueError(f"column {name!r}: {text!r} is not a number")
+        raise ValueError(f"column {name!r}: {_show(text)} is not a number")
       row.setdefault(_CSV_PREFIXES[prefix], {})[rest] = value
     elif name in _CSV_JSON:
-      try:
-        row[name] = json.loads(text)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"column {name!r}: invalid JSON ({e.msg})") from None
+      row[name] = _json_cell(name, text)
     elif name == "wall_time":
       try:
         row[name] = float(text)
       except ValueError:
-        raise ValueError(f"column 'wall_time': {text!r} is not a number") from None
+        raise ValueError(f"column 'wall_time': {_show(text)} is not a number") from None
     else:  # task, status, run_key, created, id (checked by _check_csv_header)
       row[name] = text
   if "task" not in row:
     raise ValueError("missing 'task'")
   return row
+
+
+def _json_cell(name: str, text: str) -> Any:
+  try:
+    return json.loads(text, parse_int=_json_int)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"column {name!r}: invalid JSON ({e.msg})") from None
+  except RecursionError:
+    raise ValueError(f"column {name!r}: JSON nested too deeply") from None

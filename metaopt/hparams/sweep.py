@@ -20,22 +20,40 @@ group the rest are traced and the runs vmapped through
   is ``E * ceil(n_train / m)`` micro-steps for every batch size; validation and
   test are evaluated once per epoch.
 
+Bounded work. Configurations are drawn when a run needs them (trial i is the
+i-th draw of the task's seeded Generator), at most ``GROUP_RUNS`` runs train in
+one compiled call, and ``trials_per_task`` and ``epochs`` are bounded by
+``MAX_TRIALS`` and ``MAX_EPOCHS``. A configuration error (a value the space
+cannot give a sweep) raises before any training and is not recorded; a run is
+recorded as failed only for an error during its training.
+
 Parallel workers are separate processes (spawn), each taking whole tasks and
-writing into the one store.
+writing into the one store. The parent tears them down on an error, Ctrl-C
+(SIGINT) or SIGTERM; each worker also exits by itself within a second once the
+parent is gone (even after a ``kill -9``), so no orphan keeps writing. Rows
+are written with ``on_conflict="skip"``: a run another process stored first is
+skipped, never an error.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import concurrent.futures
+import contextlib
 import hashlib
+import itertools
 import json
 import math
 import multiprocessing
+import operator
 import os
 import queue
+import signal
+import threading
 import time
 import zlib
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import (Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Optional, Sequence,
+                    Union)
 
 import jax
 import jax.numpy as jnp
@@ -66,12 +84,16 @@ WIDTHS: dict[str, int] = {"mlp": 64, "cnn": 8, "rnn": 32, "transformer": 32}
 # runtime (all threads idle in block_until_ready) with jax 0.10.2 here.
 VMAPPED = ("mlp", "transformer")
 QUICK = dict(datasets=("iris", "wine"), models=("mlp",), trials_per_task=4, epochs=2)
+MAX_TRIALS = 100_000    # per task
+MAX_EPOCHS = 10_000
+GROUP_RUNS = 256        # runs trained in one compiled call at most (bounded memory)
+PARENT_POLL = 0.5       # seconds between a worker's checks that the sweep process lives
 
 
 class SweepReport(NamedTuple):
   """What a sweep did."""
   added: int                # runs recorded by this call
-  skipped: int              # runs already in the store (resumed)
+  skipped: int              # runs already in the store (resumed, or stored meanwhile)
   diverged: int             # of the added, non-finite loss
   failed: int               # of the added, an error during training
   tasks: int                # (dataset, model) pairs swept
@@ -87,13 +109,61 @@ def space_id(space: Space) -> str:
 
 def run_key(dataset: str, model: str, trial: int, *, epochs: int, seed: int, space: Space) -> str:
   """The deterministic id of one sweep run."""
-  return f"sweep/{dataset}/{model}/e{epochs}/s{seed}/{space_id(space)}/t{trial}"
+  return _key_prefix(dataset, model, epochs, seed, space) + str(trial)
 
 
-def trial_configs(space: Space, dataset: str, model: str, trials: int, seed: int) -> list[dict]:
-  """The first ``trials`` configurations of a task; trial i is the same for any ``trials``."""
-  rng = np.random.default_rng([seed, zlib.crc32(dataset.encode()), zlib.crc32(model.encode())])
-  return [space.sample(rng) for _ in range(trials)]
+def _key_prefix(dataset: str, model: str, epochs: int, seed: int, space: Space) -> str:
+  return f"sweep/{dataset}/{model}/e{epochs}/s{seed}/{space_id(space)}/t"
+
+
+class TrialConfigs(collections.abc.Sequence):
+  """The configurations of a task's trials, drawn when asked for: trial i is the i-th
+  draw of a Generator seeded by (seed, dataset, model), whatever the number of trials.
+  Iterating draws them one after another; ``configs[i]`` replays the first i draws."""
+
+  def __init__(self, space: Space, dataset: str, model: str, trials: int, seed: int):
+    self.space = space
+    self.trials = check_int("trials", trials, low=0)
+    self._seed = [seed, zlib.crc32(dataset.encode()), zlib.crc32(model.encode())]
+
+  def _draws(self) -> Iterator[dict]:
+    rng = np.random.default_rng(self._seed)
+    while True:
+      yield self.space.sample(rng)
+
+  def __len__(self) -> int:
+    return self.trials
+
+  def __iter__(self) -> Iterator[dict]:
+    return itertools.islice(self._draws(), self.trials)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      start, stop, step = index.indices(self.trials)
+      if step < 0:
+        return list(self)[index]
+      return list(itertools.islice(self._draws(), start, max(start, stop), step))
+    i = operator.index(index)
+    i = i + self.trials if i < 0 else i
+    if not 0 <= i < self.trials:
+      raise IndexError(f"trial {index} of {self.trials}")
+    return next(itertools.islice(self._draws(), i, None))
+
+  def __eq__(self, other) -> bool:
+    if not isinstance(other, collections.abc.Sequence) or isinstance(other, str):
+      return NotImplemented
+    return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+  __hash__ = None
+
+  def __repr__(self) -> str:
+    return f"TrialConfigs({self.trials} trials, seed {self._seed})"
+
+
+def trial_configs(space: Space, dataset: str, model: str, trials: int, seed: int) -> TrialConfigs:
+  """The first ``trials`` configurations of a task, drawn lazily (:class:`TrialConfigs`);
+  trial i is the same for any ``trials``."""
+  return TrialConfigs(space, dataset, model, trials, seed)
 
 
 # Accepted values of each known hyperparameter: (check, description).
@@ -179,29 +249,49 @@ def traced_hparams(resolved: Sequence[dict], micro: int, *, dropout: bool = True
   return out
 
 
-def micro_batch(space: Space, configs: Sequence[dict], n_train: int) -> int:
+def micro_batch(space: Space, configs: Iterable[dict], n_train: int) -> int:
   """The micro-batch every step of a task samples: the gcd of the batch sizes the space
   allows (categorical) or the task's configurations draw (int range), at most n_train."""
-  if "batch_size" in space.names and space["batch_size"].kind == "categorical":
-    sizes = [int(c) for c in space["batch_size"].choices]
+  if _categorical_batch(space):
+    m = math.gcd(*(int(c) for c in space["batch_size"].choices))
   else:
-    sizes = [int(resolve_hparams(c, "mlp")["batch_size"]) for c in configs]
-  m = math.gcd(*sizes)
-  return next(d for d in range(min(m, n_train), 0, -1) if m % d == 0)
+    m = math.gcd(*(int(resolve_hparams(c, "mlp")["batch_size"]) for c in configs))
+  return _divisor_at_most(m, n_train)
+
+
+def _categorical_batch(space: Space) -> bool:
+  return "batch_size" in space.names and space["batch_size"].kind == "categorical"
+
+
+def _divisor_at_most(m: int, n: int) -> int:
+  """The largest divisor of ``m`` that is at most ``n``."""
+  return next(d for d in range(min(m, n), 0, -1) if m % d == 0)
+
+
+COUNTS = ("added", "skipped", "diverged", "failed")
 
 
 def run_group(store: RunStore, dataset: str, model: str, configs: dict[int, dict],
               keys: dict[int, str], *, micro: int, epochs: int, seed: int,
               on_runs: Callable[[int], None] = lambda n: None) -> dict[str, int]:
   """Train the given trials of one task (grouped by static hyperparameters) into ``store``,
-  sampling micro-batches of ``micro`` examples (see the module docstring)."""
-  counts = {"added": 0, "diverged": 0, "failed": 0}
+  sampling micro-batches of ``micro`` examples (see the module docstring). Trials whose
+  run_key is stored meanwhile (by another process) are skipped, not trained or written.
+  Returns the counts of ``COUNTS``."""
+  counts = dict.fromkeys(COUNTS, 0)
   resolved = {i: resolve_hparams(c, model) for i, c in configs.items()}
   groups: dict[tuple, list[int]] = {}
   for i, h in resolved.items():
     groups.setdefault((h["layers"], h["width"]), []).append(i)
   features = None
   for (layers, width), trials in sorted(groups.items()):
+    stored = [i for i in trials if store.has(keys[i])]
+    if stored:
+      counts["skipped"] += len(stored)
+      on_runs(len(stored))
+      trials = [i for i in trials if i not in stored]
+      if not trials:
+        continue
     task = make_task(TaskConfig(dataset, model, width, layers, micro, 1, seed))
     if features is None:
       features = task_features(task.data, model_family=model, epochs=epochs, seed=seed)
@@ -220,8 +310,8 @@ def run_group(store: RunStore, dataset: str, model: str, configs: dict[int, dict
           vectorize=model in VMAPPED, dropout=(lambda h: h["dropout"]) if use_dropout else None)
       rows = result_rows(task, hparams, result, wall, task_features=features,
                          run_keys=run_keys, keys=seeds, model=model_info)
-    except (KeyboardInterrupt, SystemExit):
-      raise
+    except (ValueError, TypeError):
+      raise  # a configuration (or a bug) to fix, not a run that failed: nothing recorded
     except Exception as e:  # recorded, so a resumed sweep does not retry a broken config forever
       rows = [dict(task=dataset, task_features=features, hparams={}, metrics={},
                    model=model_info, status="failed", run_key=k,
@@ -229,11 +319,47 @@ def run_group(store: RunStore, dataset: str, model: str, configs: dict[int, dict
     for row, i in zip(rows, trials):
       row["hparams"] = dict(configs[i])  # the sampled values, as the space gives them
       row["extra"] = {**row.get("extra", {}), **extra, "trial": i}
-    store.add_many(rows)
-    counts["added"] += len(rows)
-    counts["diverged"] += sum(r["status"] == "diverged" for r in rows)
-    counts["failed"] += sum(r["status"] == "failed" for r in rows)
+    # Another process may have stored some of these runs while they trained (a sweep
+    # resumed while an old one still ran): those are skipped, the others written.
+    fresh = [r for r in rows if not store.has(r["run_key"])]
+    added = len(store.add_many(fresh, on_conflict="skip"))
+    counts["added"] += added
+    counts["skipped"] += len(rows) - added
+    counts["diverged"] += sum(r["status"] == "diverged" for r in fresh)
+    counts["failed"] += sum(r["status"] == "failed" for r in fresh)
     on_runs(len(rows))
+  return counts
+
+
+def run_task(store: RunStore, space: Space, dataset: str, model: str, trials: Sequence[int], *,
+             micro: int, epochs: int, seed: int,
+             on_runs: Callable[[int], None] = lambda n: None) -> dict[str, int]:
+  """Train the given trial numbers of one task into ``store`` (:func:`run_group`), drawing
+  each configuration when it is reached and training at most ``GROUP_RUNS`` runs of one
+  shape at a time. Returns the counts of ``COUNTS``."""
+  counts = dict.fromkeys(COUNTS, 0)
+  if not trials:
+    return counts
+  wanted = set(trials)
+  prefix = _key_prefix(dataset, model, epochs, seed, space)
+  buckets: dict[tuple, dict[int, dict]] = {}
+
+  def train_bucket(shape):
+    bucket = buckets.pop(shape)
+    c = run_group(store, dataset, model, bucket, {i: prefix + str(i) for i in bucket},
+                  micro=micro, epochs=epochs, seed=seed, on_runs=on_runs)
+    for k in COUNTS:
+      counts[k] += c[k]
+
+  for i, config in enumerate(trial_configs(space, dataset, model, max(wanted) + 1, seed)):
+    if i in wanted:
+      h = resolve_hparams(config, model)
+      shape = (h["layers"], h["width"])
+      buckets.setdefault(shape, {})[i] = config
+      if len(buckets[shape]) == GROUP_RUNS:
+        train_bucket(shape)
+  for shape in sorted(buckets):
+    train_bucket(shape)
   return counts
 
 
@@ -262,8 +388,8 @@ class TrainingObjective:
     if invalid:
       raise ValueError(f"cannot train {model!r} on {dataset!r}: {invalid[0][2]}")
     check_choice("metric", metric, self.METRICS)
-    for label, v in (("epochs", epochs), ("micro_batch", micro_batch)):
-      check_int(label, v)
+    check_int("epochs", epochs, high=MAX_EPOCHS)
+    check_int("micro_batch", micro_batch)
     self.dataset, self.model, self.epochs, self.seed = dataset, model, epochs, seed
     self.metric, self.micro_batch = metric, micro_batch
     self._programs: dict[tuple[int, int], tuple] = {}
@@ -318,16 +444,48 @@ class TrainingObjective:
     return out
 
 
-def _worker_init(cache_dir: Optional[str]) -> None:
+_PROGRESS = None  # a worker's queue of finished-run counts to the parent
+
+
+def _worker_init(cache_dir: Optional[str], parent: int, progress) -> None:
+  global _PROGRESS
+  _PROGRESS = progress
+  threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True,
+                   name="metaopt-sweep-parent-watch").start()
   train.enable_compilation_cache(cache_dir or "")
 
 
-def _worker(path: str, dataset: str, model: str, configs: dict, keys: dict, micro: int,
-            epochs: int, seed: int, progress_queue) -> dict:
-  with RunStore(path) as store:
-    report = (lambda n: progress_queue.put(n)) if progress_queue is not None else (lambda n: None)
-    return run_group(store, dataset, model, configs, keys, micro=micro, epochs=epochs,
-                     seed=seed, on_runs=report)
+def _exit_with_parent(parent: int) -> None:
+  """Exits the worker once the sweep process is gone, however it died (kill -9 runs no
+  cleanup): an orphan would keep training and writing into the store."""
+  while os.getppid() == parent:
+    time.sleep(PARENT_POLL)
+  os._exit(1)
+
+
+def _worker(path: str, space: Space, dataset: str, model: str, trials: list, micro: int,
+            epochs: int, seed: int) -> dict:
+  report = (lambda n: _PROGRESS.put(n)) if _PROGRESS is not None else (lambda n: None)
+  with RunStore(path, create=False) as store:
+    return run_task(store, space, dataset, model, trials, micro=micro, epochs=epochs,
+                    seed=seed, on_runs=report)
+
+
+def _plan(space: Space, dataset: str, model: str, *, trials: int, epochs: int, seed: int,
+          done: set) -> tuple[list[int], int]:
+  """The trial numbers of a task not in ``done`` and the task's micro-batch, in one pass
+  over its configurations (each checked: bad values fail before any training)."""
+  prefix = _key_prefix(dataset, model, epochs, seed, space)
+  categorical = _categorical_batch(space)
+  todo, sizes = [], 0
+  for i, config in enumerate(trial_configs(space, dataset, model, trials, seed)):
+    h = resolve_hparams(config, model)
+    if not categorical:
+      sizes = math.gcd(sizes, h["batch_size"])
+    if prefix + str(i) not in done:
+      todo.append(i)
+  m = math.gcd(*(int(c) for c in space["batch_size"].choices)) if categorical else sizes
+  return todo, _divisor_at_most(m, num_train_examples(dataset))
 
 
 def sweep(store: Union[RunStore, str, os.PathLike], *, datasets: Optional[Sequence[str]] = None,
@@ -339,6 +497,7 @@ def sweep(store: Union[RunStore, str, os.PathLike], *, datasets: Optional[Sequen
 
   Runs already in the store (same run_key) are skipped. ``workers > 1`` trains
   tasks in that many spawned processes writing into the same store file.
+  ``trials_per_task`` is at most ``MAX_TRIALS``, ``epochs`` at most ``MAX_EPOCHS``.
   """
   start = time.perf_counter()
   datasets = tuple(DATASETS if datasets is None else datasets)
@@ -346,9 +505,9 @@ def sweep(store: Union[RunStore, str, os.PathLike], *, datasets: Optional[Sequen
   if not datasets or not models:
     raise ValueError(f"need at least one dataset and one model, got datasets={datasets!r}, "
                      f"models={models!r}")
-  for label, v in (("trials_per_task", trials_per_task), ("epochs", epochs),
-                   ("workers", workers)):
-    check_int(label, v)
+  check_int("trials_per_task", trials_per_task, high=MAX_TRIALS)
+  check_int("epochs", epochs, high=MAX_EPOCHS)
+  check_int("workers", workers)
   if not isinstance(space, Space):
     raise ValueError(f"space must be a metaopt.hparams.Space, got {type(space).__name__}")
   check_space(space)
@@ -359,58 +518,108 @@ def sweep(store: Union[RunStore, str, os.PathLike], *, datasets: Optional[Sequen
     done = store.run_keys()
     jobs, skipped = [], 0
     for dataset, model in valid:
-      configs = trial_configs(space, dataset, model, trials_per_task, seed)
-      keys = {i: run_key(dataset, model, i, epochs=epochs, seed=seed, space=space)
-              for i in range(trials_per_task)}
-      for c in configs:
-        resolve_hparams(c, model)  # bad values fail before any training
-      todo = {i: configs[i] for i in range(trials_per_task) if keys[i] not in done}
+      todo, micro = _plan(space, dataset, model, trials=trials_per_task, epochs=epochs,
+                          seed=seed, done=done)
       skipped += trials_per_task - len(todo)
       if todo:
-        micro = micro_batch(space, configs, num_train_examples(dataset))
-        jobs.append((dataset, model, todo, {i: keys[i] for i in todo}, micro))
-    total = sum(len(j[2]) for j in jobs)
-    counts = {"added": 0, "diverged": 0, "failed": 0}
-    with tqdm(total=total, desc="sweep runs", unit="run", disable=not progress) as bar:
+        jobs.append((dataset, model, todo, micro))
+    counts = dict.fromkeys(COUNTS, 0)
+    with tqdm(total=sum(len(j[2]) for j in jobs), desc="sweep runs", unit="run",
+              disable=not progress) as bar:
       if workers == 1 or len(jobs) <= 1:
-        for dataset, model, configs, keys, micro in jobs:
+        for dataset, model, todo, micro in jobs:
           bar.set_postfix_str(f"{dataset}/{model}")
-          c = run_group(store, dataset, model, configs, keys, micro=micro, epochs=epochs,
-                        seed=seed, on_runs=bar.update)
+          c = run_task(store, space, dataset, model, todo, micro=micro, epochs=epochs,
+                       seed=seed, on_runs=bar.update)
           counts = {k: counts[k] + c[k] for k in counts}
       else:
-        counts = _parallel(store.path, jobs, epochs, seed, workers, bar, counts)
-    return SweepReport(counts["added"], skipped, counts["diverged"], counts["failed"],
-                       len(valid), invalid, time.perf_counter() - start)
+        counts = _parallel(store.path, space, jobs, epochs, seed, workers, bar, counts)
+    return SweepReport(counts["added"], skipped + counts["skipped"], counts["diverged"],
+                       counts["failed"], len(valid), invalid, time.perf_counter() - start)
   finally:
     if own:
       store.close()
 
 
-def _parallel(path, jobs, epochs, seed, workers, bar, counts) -> dict:
+class _Terminated(SystemExit):
+  """SIGTERM in the sweep's process, raised so that the workers are torn down first."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+  """SIGTERM raises :class:`_Terminated` (exit status 143) while the pool runs, in the
+  main thread and unless the program handles SIGTERM itself; Ctrl-C already raises
+  KeyboardInterrupt."""
+  if (threading.current_thread() is not threading.main_thread()
+      or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+    yield
+    return
+
+  def handler(signum, frame):
+    raise _Terminated(128 + signum)
+
+  signal.signal(signal.SIGTERM, handler)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _drain(progress, bar, timeout: Optional[float] = None) -> None:
+  """Moves the bar by the counts the workers reported (waiting up to ``timeout`` for one)."""
+  try:
+    bar.update(progress.get(timeout=timeout) if timeout else progress.get_nowait())
+    while True:
+      bar.update(progress.get_nowait())
+  except queue.Empty:
+    pass
+
+
+def _tear_down(pool: concurrent.futures.ProcessPoolExecutor, futures) -> None:
+  """Cancels what has not started and terminates the workers (they may be mid-training)."""
+  for f in futures:
+    f.cancel()
+  # ProcessPoolExecutor has no public way to stop running work before Python 3.14.
+  processes = list((getattr(pool, "_processes", None) or {}).values())
+  for p in processes:
+    p.terminate()
+  pool.shutdown(wait=False, cancel_futures=True)
+  for p in processes:
+    p.join(timeout=5)
+    if p.is_alive():
+      p.kill()
+
+
+def _parallel(path, space, jobs, epochs, seed, workers, bar, counts) -> dict:
   ctx = multiprocessing.get_context("spawn")
   cache_dir = jax.config.jax_compilation_cache_dir
-  with ctx.Manager() as manager:
-    q = manager.Queue()
-    with concurrent.futures.ProcessPoolExecutor(
-        max_workers=min(workers, len(jobs)), mp_context=ctx, initializer=_worker_init,
-        initargs=(cache_dir,)) as pool:
-      futures = [pool.submit(_worker, str(path), *job, epochs, seed, q) for job in jobs]
+  # A queue of the parent's, not a Manager's: a manager is a server process of its own
+  # that outlived a killed sweep.
+  progress = ctx.Queue()
+  pool = concurrent.futures.ProcessPoolExecutor(
+      max_workers=min(workers, len(jobs)), mp_context=ctx, initializer=_worker_init,
+      initargs=(cache_dir, os.getpid(), progress))
+  futures, finished = [], False
+  try:
+    with _sigterm_raises():
+      futures = [pool.submit(_worker, str(path), space, dataset, model, todo, micro, epochs,
+                             seed) for dataset, model, todo, micro in jobs]
       pending = set(futures)
       while pending:
-        try:
-          bar.update(q.get(timeout=0.5))
-        except queue.Empty:
-          pass
+        _drain(progress, bar, timeout=0.5)
         for f in [f for f in pending if f.done()]:
           pending.discard(f)
           c = f.result()  # re-raises a worker's error
           counts = {k: counts[k] + c[k] for k in counts}
-      while True:  # the last progress messages
-        try:
-          bar.update(q.get_nowait())
-        except queue.Empty:
-          break
+      finished = True
+  finally:
+    if finished:
+      pool.shutdown(wait=True)
+      _drain(progress, bar)  # the last reports: a worker flushes its queue as it exits
+    else:  # an error, Ctrl-C or SIGTERM: no worker may outlive this call
+      _tear_down(pool, futures)
+    progress.close()
+    progress.cancel_join_thread()
   return counts
 
 

@@ -28,7 +28,7 @@ from metaopt.schedules.learned_lr import DEFAULT_SETTINGS
 from metaopt.tasks import TaskFamily, make_task, task_family
 from metaopt.train import run_loop
 from metaopt.unroll import InnerProblem
-from metaopt.validation import check_int, check_positive
+from metaopt.validation import check_int, check_positive, check_seed
 
 PyTree = Any
 VAL_BATCH = 128
@@ -57,6 +57,7 @@ class MetaLRConfig:
   def __post_init__(self):
     for name in ("lanes", "population", "segment_length", "meta_steps", "checkpoint_every"):
       check_int(name, getattr(self, name))
+    check_seed("seed", self.seed)
     for name in ("meta_lr", "clip_norm", "learning_rate"):
       check_positive(name, getattr(self, name))
     if not isinstance(self.family, TaskFamily):

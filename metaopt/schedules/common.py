@@ -24,6 +24,15 @@ def scale_by_lr(updates: PyTree, learning_rate: jax.Array) -> PyTree:
   return jax.tree.map(lambda u: (-learning_rate).astype(u.dtype) * u, updates)
 
 
+def check_float_updates(updates: PyTree, caller: str) -> None:
+  """ValueError (at trace time) for integer updates, which an LR would scale to zero."""
+  dtypes = {str(u.dtype) for u in jax.tree.leaves(updates)
+            if not jnp.issubdtype(u.dtype, jnp.inexact)}
+  if dtypes:
+    raise ValueError(f"{caller}: updates must be floating point (an LR scales integers "
+                     f"to zero), got {', '.join(sorted(dtypes))}")
+
+
 def _has_field(node: Any, field: str) -> bool:
   return isinstance(node, tuple) and field in getattr(node, "_fields", ())
 

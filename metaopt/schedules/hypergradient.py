@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from metaopt.schedules.common import scale_by_lr
+from metaopt.schedules.common import check_float_updates, scale_by_lr
 from metaopt.validation import check_number, renamed, required
 
 PyTree = Any
@@ -199,6 +199,7 @@ def _hypergradient_lr(direction, learning_rate, *, beta, min_lr, max_lr, multipl
         direction_state=direction.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
+    check_float_updates(updates, caller)
     grads = updates
     u, direction_state = direction.update(grads, state.direction_state, params, **extra_args)
     # The direction's state and output keep their dtypes (optax.trace with a
@@ -310,6 +311,7 @@ def hypergradient_adam(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
+    check_float_updates(updates, "hypergradient_adam")
     lr = _next_lr(rule, state.learning_rate, state.hypergradient)
     count = optax.safe_increment(state.count)
     # Bias corrections of step t - 1 (where u_0 = 0: any non-zero value) and t.

@@ -21,10 +21,11 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import serialization
 
-from metaopt.schedules.common import current_lr, scale_by_lr
+from metaopt.schedules.common import check_float_updates, current_lr, scale_by_lr
 from metaopt.validation import check_int, check_number, check_positive, renamed, required
 
 PyTree = Any
@@ -53,6 +54,8 @@ DEFAULT_SETTINGS = dict(min_lr_factor=1e-2, max_lr_factor=10.0, max_log_change=0
                         response_time=0.02, min_response_steps=10.0)
 SETTINGS = tuple(DEFAULT_SETTINGS)
 FEATURE_CLIP = 5.0
+F32_TINY = float(np.finfo(np.float32).tiny)
+F32_MAX = float(np.finfo(np.float32).max) / 2  # margin for the rounding of exp
 _TINY = 1e-12
 
 
@@ -86,6 +89,7 @@ class LRFeatureState(NamedTuple):
   norm_ema: jax.Array
   last_norm: jax.Array      # norm of the previous step's incoming update
   initial_val_loss: jax.Array  # NaN until a finite validation loss is seen
+  min_loss: jax.Array = None   # lowest training loss so far (+inf before any)
 
 
 class LearnedLRState(NamedTuple):
@@ -141,6 +145,14 @@ def _checked_spec(controller, *, base_lr, min_lr_factor, max_lr_factor, max_log_
   low = check_number("min_lr_factor", min_lr_factor, low=0.0, low_open=True, high=1.0,
                      traced_ok=True)
   high = check_number("max_lr_factor", max_lr_factor, low=1.0, traced_ok=True)
+  # The LR lives in float32: every LR the bounds allow must be a normal float32.
+  if base is not None:
+    for label, lr in (("learning_rate", base),
+                      ("learning_rate * min_lr_factor", base * low if low else None),
+                      ("learning_rate * max_lr_factor", base * high if high else None)):
+      if lr is not None and not F32_TINY <= lr <= F32_MAX:
+        raise ValueError(f"{label} = {lr:g} is outside the float32 range "
+                         f"[{F32_TINY:g}, {F32_MAX:g}] the LR is kept in")
 
   def value(checked, given):
     return checked if checked is not None else jnp.asarray(given, jnp.float32)
@@ -161,7 +173,8 @@ def init_lr_state(theta: PyTree, *, base_lr: float, total_steps) -> LearnedLRSta
       count=jnp.zeros((), jnp.int32),
       total_steps=jnp.asarray(total_steps, jnp.float32),
       initial_loss=zero, loss_emas=jnp.zeros((len(LOSS_EMA_DECAYS),), jnp.float32),
-      initial_norm=zero, norm_ema=zero, last_norm=zero, initial_val_loss=nan)
+      initial_norm=zero, norm_ema=zero, last_norm=zero, initial_val_loss=nan,
+      min_loss=jnp.full((), jnp.inf, jnp.float32))
   return LearnedLRState(theta, features, jnp.asarray(base_lr, jnp.float32))
 
 
@@ -183,6 +196,12 @@ def controller_features(state: LearnedLRState, spec: ControllerSpec, loss, norm,
   ``loss`` must be finite here (the caller holds the state on a bad step);
   ``norm`` and ``val_loss`` may be ``None``, and ``norm`` may be zero or
   non-finite (no norm yet); their features are then zero.
+
+  The loss features are log ratios, so they need positive losses. Once a loss <= 0
+  has been seen, every loss (training and validation) is shifted by
+  ``2 |lowest loss| + |first loss|`` before the logs: a loss that can be zero or
+  negative (a hinge, a log-likelihood) still drives the controller. While every
+  loss has been positive the shift is exactly zero.
   """
   f = state.features
   first = f.count == 0
@@ -191,6 +210,10 @@ def controller_features(state: LearnedLRState, spec: ControllerSpec, loss, norm,
   decays = jnp.asarray(LOSS_EMA_DECAYS, jnp.float32)
   prev_emas = jnp.where(first, loss, f.loss_emas)
   loss_emas = decays * prev_emas + (1 - decays) * loss
+  min_loss = jnp.minimum(f.min_loss, loss)
+  # A constant for the gradient: the shift only moves where the logs are taken.
+  shift = jax.lax.stop_gradient(jnp.where(
+      min_loss > 0, 0.0, 2 * jnp.abs(min_loss) + jnp.abs(initial_loss) + _TINY))
 
   if norm is None:
     initial_norm, norm_ema = f.initial_norm, f.norm_ema
@@ -218,25 +241,25 @@ def controller_features(state: LearnedLRState, spec: ControllerSpec, loss, norm,
     safe_val = jnp.where(has_val, val_loss, 1.0)
     safe_init = jnp.where(jnp.isfinite(initial_val), initial_val, 1.0)
     val_feats = [has_val.astype(jnp.float32),
-                 jnp.where(has_val, _log_ratio(safe_val, safe_init), 0.0),
-                 jnp.where(has_val, _log_ratio(safe_val, loss_emas[1]), 0.0)]
+                 jnp.where(has_val, _log_ratio(safe_val + shift, safe_init + shift), 0.0),
+                 jnp.where(has_val, _log_ratio(safe_val + shift, loss_emas[1] + shift), 0.0)]
 
   count = f.count + 1
   fraction = jnp.clip(count / jnp.maximum(f.total_steps, 1.0), 0.0, 1.0)
   features = jnp.stack([
       fraction,
-      _log_ratio(loss, initial_loss),
-      _log_ratio(loss, prev_emas[0]),
-      _log_ratio(loss, prev_emas[1]),
-      _log_ratio(loss, prev_emas[2]),
-      _log_ratio(prev_emas[0], prev_emas[1]),
+      _log_ratio(loss + shift, initial_loss + shift),
+      _log_ratio(loss + shift, prev_emas[0] + shift),
+      _log_ratio(loss + shift, prev_emas[1] + shift),
+      _log_ratio(loss + shift, prev_emas[2] + shift),
+      _log_ratio(prev_emas[0] + shift, prev_emas[1] + shift),
       *norm_feats,
       jnp.log(state.learning_rate / spec.base_lr),
       *val_feats,
   ]).astype(jnp.float32)
   features = jnp.clip(features, -FEATURE_CLIP, FEATURE_CLIP)
   new_f = LRFeatureState(count, f.total_steps, initial_loss, loss_emas,
-                         initial_norm, norm_ema, f.last_norm, initial_val)
+                         initial_norm, norm_ema, f.last_norm, initial_val, min_loss)
   return features, new_f
 
 
@@ -256,7 +279,7 @@ def advance(state: LearnedLRState, spec: ControllerSpec, *, loss, norm=None,
   NaN learning rate.
   """
   loss = jnp.asarray(loss, jnp.float32)
-  ok = jnp.isfinite(loss) & (loss > 0)
+  ok = jnp.isfinite(loss)
   safe_loss = jnp.where(ok, loss, 1.0)
   features, new_f = controller_features(state, spec, safe_loss, norm, val_loss)
   raw = jnp.asarray(spec.apply(state.theta, features), jnp.float32).reshape(())
@@ -347,9 +370,7 @@ def _learned_lr(controller, theta, *, learning_rate, total_steps, caller: str,
   def update_fn(updates, state, params=None, *, value=None, val_loss=None, **extra_args):
     del params, extra_args
     loss = _training_loss(value, caller)
-    if any(not jnp.issubdtype(u.dtype, jnp.inexact) for u in jax.tree.leaves(updates)):
-      raise ValueError(f"{caller}: updates must be floating point, got dtypes "
-                       f"{sorted({str(u.dtype) for u in jax.tree.leaves(updates)})}")
+    check_float_updates(updates, caller)
     # The norm feature uses the previous step's update: this step's norm then
     # needs no pass over the parameters before the scaling, and fuses with it.
     state = advance(state, spec, loss=loss, norm=state.features.last_norm,

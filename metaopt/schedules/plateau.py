@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 from optax.contrib import ReduceLROnPlateauState, reduce_on_plateau
 
-from metaopt.schedules.common import scale_by_lr
+from metaopt.schedules.common import check_float_updates, scale_by_lr
 from metaopt.validation import check_int, check_number, renamed, required
 
 PyTree = Any
@@ -159,6 +159,7 @@ def plateau_lr(
   def update_fn(updates, state, params=None, *, val_loss=None, new_eval=None, value=None,
                 **extra_args):
     del params, extra_args
+    check_float_updates(updates, "plateau_lr")
     if val_loss is None:
       val_loss = value
     if val_loss is None:

@@ -13,7 +13,7 @@ import optax
 
 from metaopt.tasks.data import DATASETS, IMAGE_SHAPES, Dataset, load_dataset, num_train_examples
 from metaopt.tasks.models import MODEL_KINDS, make_model
-from metaopt.validation import check_choice, check_int, is_integer
+from metaopt.validation import check_choice, check_int, check_seed
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
@@ -119,8 +119,7 @@ def check_task_config(config: TaskConfig) -> TaskConfig:
   check_choice("model", config.model, MODEL_KINDS)
   for label in ("width", "depth", "batch_size", "total_steps"):
     check_int(label, getattr(config, label))
-  if not is_integer(config.seed):
-    raise ValueError(f"seed must be an integer, got {config.seed!r}")
+  check_seed("seed", config.seed)
   if config.model == "cnn" and config.dataset not in IMAGE_SHAPES:
     raise ValueError(
         f"model 'cnn' needs an image dataset ({', '.join(IMAGE_SHAPES)}), "
