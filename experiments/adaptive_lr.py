@@ -24,10 +24,12 @@ import optax
 
 from metaopt import config as config_lib
 from metaopt import report
-from metaopt.experiments.protocol import (Result, best_index, curve_rows, finish, lr_curve,
-                                          plot_method_curves, seed_keys, train_and_record)
+from metaopt.experiments.lr_schedule import SELF_TUNING_LABELS
+from metaopt.experiments.protocol import (TTT_COLUMNS, Result, best_index, curve_rows, finish,
+                                          lr_curve, plot_method_curves, seed_keys,
+                                          time_to_target, train_and_record)
 from metaopt.schedules import learned_lr
-from metaopt.schedules.baselines import unit_schedule
+from metaopt.schedules.baselines import SELF_TUNING, self_tuning, unit_schedule
 from metaopt.schedules.hypergradient import hypergradient_adam, hypergradient_sgd
 from metaopt.schedules.plateau import early_stopping, plateau_lr
 from metaopt.tasks import DATASETS, TaskConfig, make_task
@@ -51,6 +53,7 @@ class Config:
   start_factors: tuple[float, ...] = (10.0, 0.1)    # Adam-HD starts, relative to the tuned LR
   threshold: float = 1.1          # val-loss target: this times the best final val loss on the task
   include_pretrained: bool = True
+  self_tuning: tuple[str, ...] = tuple(SELF_TUNING)  # optax.contrib baselines, at defaults
   seed: int = 0
   store: Optional[str] = None     # run store (SQLite file) recording every training run
 
@@ -67,6 +70,8 @@ class Config:
     check_number("rtol", self.rtol, low=0.0, high=1.0)
     for lr in self.tune_lrs + self.start_factors:
       check_positive("tune_lrs and start_factors", lr)
+    for name in self.self_tuning:
+      check_choice("self-tuning optimizer", name, SELF_TUNING)
     if self.learning_rate not in self.tune_lrs:
       raise ValueError(f"tune_lrs={self.tune_lrs!r} must hold learning_rate={self.learning_rate!r}")
 
@@ -80,15 +85,17 @@ def default_config(seed: int = 0) -> Config:
 
 
 def quick_config(seed: int = 0) -> Config:
-  return Config(datasets=("iris", "wine"), epochs=3, seeds=1, tune_lrs=(1e-3, 3e-3), seed=seed)
+  return Config(datasets=("iris", "wine"), epochs=3, seeds=1, tune_lrs=(1e-3, 3e-3), seed=seed,
+                self_tuning=("schedule_free_adamw", "prodigy"))  # two of five: stays quick
 
 
-METHODS = ("adam_1e-3", "tuned_constant", "step", "cosine", "plateau", "hd_sgd", "hd_adam",
-           "pretrained")
+METHODS = ("adam_1e-3", "tuned_constant", "step", "cosine", "tuned_cosine", "plateau",
+           "hd_sgd", "hd_adam", "pretrained", *SELF_TUNING)
 LABELS = {"adam_1e-3": "Adam 1e-3", "tuned_constant": "tuned constant Adam",
           "step": "step decay", "cosine": "cosine", "plateau": "reduce on plateau",
           "hd_sgd": "hypergradient SGD", "hd_adam": "hypergradient Adam",
-          "pretrained": "learned (shipped)"}
+          "pretrained": "learned (shipped)", "tuned_cosine": "tuned cosine",
+          **SELF_TUNING_LABELS}
 
 
 def without_extra_args(tx, *names: str) -> optax.GradientTransformationExtraArgs:
@@ -135,6 +142,8 @@ def method_txs(config: Config, steps: int) -> dict:
         optax.scale_by_adam(),
         without_extra_args(learned_lr.pretrained_lr(learning_rate=lr, total_steps=steps), "val_loss"),
         stop())
+  for name in config.self_tuning:  # one run each, no tuning; they stop early like the others
+    txs[name] = lambda _, n=name: optax.chain(self_tuning(n), stop())
   return txs
 
 
@@ -178,11 +187,19 @@ def evaluate_task(config: Config, dataset: str, store=None) -> dict:
   methods["adam_1e-3"] = dict(curves=pick(list(config.tune_lrs).index(config.learning_rate)),
                               wall_time=per_run, runs=config.seeds, lr=config.learning_rate)
   methods["tuned_constant"] = dict(curves=pick(best), wall_time=per_run, runs=config.seeds,
-                                   lr=tuned_lr)
+                                   lr=tuned_lr, grid=n)
   methods["step"] = dict(curves=pick(n), wall_time=per_run, runs=config.seeds, lr=None)
   methods["cosine"] = dict(curves=pick(n + 1), wall_time=per_run, runs=config.seeds, lr=None)
   out["tuning"] = dict(lrs=list(config.tune_lrs),
                        val_accuracy=res.val_accuracy[:n, :, -1].mean(axis=1))
+
+  # Cosine over the tuning grid, best on validation: the time-to-target reference.
+  res, wall = grid(scheduled_adam(config, steps), {"lr": rep(config.tune_lrs, np.float32),
+                                                   "schedule": rep([2] * n, np.int32)}, n,
+                   "cosine_grid")
+  best = best_index(res.val_accuracy[:, :, -1].mean(axis=1), res.val_loss[:, :, -1].mean(axis=1))
+  methods["tuned_cosine"] = dict(curves=jax.tree.map(lambda x: x[best], res), wall_time=wall,
+                                 runs=n * config.seeds, lr=float(config.tune_lrs[best]), grid=n)
 
   # Hypergradient Adam from learning_rate, and (the quality target) from 10x and 0.1x the
   # tuned constant LR, default beta: one program.
@@ -325,8 +342,25 @@ def write_report(out, config: Config, results: dict, timings: dict) -> Result:
                    f"{'PASS' if s['passed'] else 'FAIL'} |")
   lines += ["", f"Wall time: {timings['total']:.0f} s in all (compilation included).", "",
             "![LR over steps](lr.png)", "", "![validation loss](val_loss.png)", ""]
+  labels = {m: LABELS[m] for m in METHODS}
+  ttt_rows, profile = time_to_target({d: r["methods"] for d, r in results.items()},
+                                     "tuned_cosine", labels, out)
+  ranked = sorted(profile["score"].items(), key=lambda kv: -kv[1])
+  lines += ["## Time to target (AlgoPerf style)", "",
+            "Each dataset's target is the final validation accuracy of cosine Adam tuned over "
+            f"LR {list(config.tune_lrs)} (mean over seeds). A tuned method is charged its "
+            "whole grid (its steps plus a full run for every other LR it tried); every other "
+            "method one run. Runs that stop early keep their last evaluation. Profile: the "
+            "fraction of datasets a method reaches within tau times the cheapest method's cost; "
+            "score: the area under it over log tau in [1, 4], normalized.", "",
+            report.markdown_table(ttt_rows, TTT_COLUMNS), "",
+            "| method | profile score |", "|---|---|",
+            *[f"| {LABELS[m]} | {v:.3f} |" for m, v in ranked], "",
+            "![performance profile](profile.png)", ""]
   data = {"config": config_lib.to_dict(config), "rows": rows, "quality_target": target,
           "timings": timings,
+          "time_to_target": {"rows": ttt_rows, "score": profile["score"],
+                             "costs": profile["costs"]},
           "curves": {d: {m: v["curves"]._asdict() for m, v in r["methods"].items()}
                      | {f"hd_adam_{k}": v["curves"]._asdict() for k, v in r["hd_starts"].items()}
                      for d, r in results.items()}}

@@ -20,13 +20,15 @@ import numpy as np
 
 from metaopt import config as config_lib
 from metaopt import report
-from metaopt.experiments.protocol import (Result, best_index, curve_rows, finish, lr_curve,
-                                          plot_method_curves, seed_keys, train_and_record)
+from metaopt.experiments.protocol import (TTT_COLUMNS, Result, best_index, curve_rows, finish,
+                                          lr_curve, plot_method_curves, seed_keys,
+                                          time_to_target, train_and_record)
 from metaopt.meta.lr import MetaLRConfig, learned_lr_tx, meta_train
 from metaopt.schedules import learned_lr
-from metaopt.schedules.baselines import DEFAULT_LRS, adam_with_schedule
+from metaopt.schedules.baselines import (DEFAULT_LRS, SELF_TUNING, adam_with_schedule,
+                                         self_tuning)
 from metaopt.tasks import TaskConfig, check_task_config, make_task, task_family
-from metaopt.validation import check_int, check_positive
+from metaopt.validation import check_choice, check_int, check_positive
 
 TRAIN_FAMILY = task_family(
     datasets=("digits", "mnist1d", "synthetic"),
@@ -51,6 +53,7 @@ class Config:
   lrs: tuple[float, ...] = DEFAULT_LRS  # tuning grid of every hand schedule
   evals: int = 20                 # evaluations per training run
   include_pretrained: bool = True
+  self_tuning: tuple[str, ...] = tuple(SELF_TUNING)  # optax.contrib baselines, at defaults
   save_controller: Optional[str] = None  # also write the meta-trained controller here
   store: Optional[str] = None     # run store (SQLite file) recording every evaluation run
 
@@ -61,6 +64,8 @@ class Config:
       raise ValueError("lrs must hold at least one learning rate")
     for lr in self.lrs:
       check_positive("lrs", lr)
+    for name in self.self_tuning:
+      check_choice("self-tuning optimizer", name, SELF_TUNING)
     if not self.heldout:
       raise ValueError("heldout must hold at least one task")
     for task in self.heldout:
@@ -85,7 +90,8 @@ def quick_config(seed: int = 0) -> Config:
       meta=MetaLRConfig(family=family, meta_steps=24, lanes=1, population=2,
                         segment_length=25, checkpoint_every=8, seed=seed),
       heldout=(TaskConfig("wine", "mlp", 48, 1, 32, 300, 0),),
-      seeds=1, lrs=(3e-4, 1e-3, 3e-3), evals=10)
+      seeds=1, lrs=(3e-4, 1e-3, 3e-3), evals=10,
+      self_tuning=("schedule_free_adamw", "prodigy"))  # two of five: a quick run stays quick
 
 
 HAND = ("constant", "step", "cosine", "warmup_cosine")
@@ -115,7 +121,7 @@ def evaluate_task(config: Config, task_config: TaskConfig, thetas: dict, store=N
     res = jax.tree.map(lambda x: x.reshape((len(config.lrs), config.seeds) + x.shape[1:]), res)
     best = best_index(res.val_accuracy[:, :, -1].mean(axis=1), res.val_loss[:, :, -1].mean(axis=1))
     out[name] = dict(curves=jax.tree.map(lambda x: x[best], res), lr=float(config.lrs[best]),
-                     wall_time=wall, runs=len(lrs))
+                     wall_time=wall, runs=len(lrs), grid=len(config.lrs))
     if name == "constant":
       i = list(config.lrs).index(1e-3) if 1e-3 in config.lrs else None
       if i is not None:
@@ -126,6 +132,9 @@ def evaluate_task(config: Config, task_config: TaskConfig, thetas: dict, store=N
     make_tx = lambda _, c=controller, t=theta, m=meta_cfg: learned_lr_tx(c, t, m, steps)
     res, wall = grid(make_tx, jnp.zeros(config.seeds), seeds, name)
     out[name] = dict(curves=res, lr=None, wall_time=wall, runs=config.seeds)
+  for name in config.self_tuning:  # one run each, no tuning
+    res, wall = grid(lambda _, n=name: self_tuning(n), jnp.zeros(config.seeds), seeds, name)
+    out[name] = dict(curves=res, lr=None, wall_time=wall, runs=config.seeds)
   # Tuned cosine = the better of cosine and warmup-cosine on validation.
   variants = ("cosine", "warmup_cosine")
   final = lambda field: np.array([getattr(out[n]["curves"], field)[:, -1].mean()
@@ -133,7 +142,8 @@ def evaluate_task(config: Config, task_config: TaskConfig, thetas: dict, store=N
   pick = variants[best_index(final("val_accuracy"), final("val_loss"))]
   out["tuned_cosine"] = dict(out[pick], variant=pick,
                              wall_time=out["cosine"]["wall_time"] + out["warmup_cosine"]["wall_time"],
-                             runs=out["cosine"]["runs"] + out["warmup_cosine"]["runs"])
+                             runs=out["cosine"]["runs"] + out["warmup_cosine"]["runs"],
+                             grid=2 * len(config.lrs))
   return out
 
 
@@ -148,10 +158,14 @@ def _steps_to_reach(curves, target: float) -> Optional[float]:
   return float(np.mean(hits))
 
 
-METHOD_ORDER = ("adam_1e-3", "constant", "step", "tuned_cosine", "learned", "pretrained")
+METHOD_ORDER = ("adam_1e-3", "constant", "step", "tuned_cosine", "learned", "pretrained",
+                *SELF_TUNING)
+SELF_TUNING_LABELS = {"schedule_free_adamw": "schedule-free AdamW", "prodigy": "Prodigy",
+                      "dadapt_adamw": "D-Adaptation AdamW", "mechanic": "Mechanic (Adam)",
+                      "dog": "DoG"}
 LABELS = {"adam_1e-3": "Adam 1e-3", "constant": "tuned constant", "step": "tuned step",
           "tuned_cosine": "tuned cosine", "learned": "learned (this run)",
-          "pretrained": "pretrained (shipped)"}
+          "pretrained": "pretrained (shipped)", **SELF_TUNING_LABELS}
 
 
 def table_rows(results: dict) -> list[dict]:
@@ -201,7 +215,13 @@ def quality_summary(results: dict) -> dict:
                         worst_ratio=float(np.min(list(ratios.values()))),
                         worst_task=min(ratios, key=ratios.get),
                         test_loss_ratio_to_tuned_cosine=loss_ratios,
-                        acc_gain_over_adam_1e3=wins)
+                        acc_gain_over_adam_1e3=wins,
+                        mean_acc_gain_over_self_tuning={
+                            b: float(np.mean([
+                                float(ms[m]["curves"].test_accuracy[:, -1].mean())
+                                - float(ms[b]["curves"].test_accuracy[:, -1].mean())
+                                for ms in results.values() if b in ms and m in ms]))
+                            for b in SELF_TUNING if any(b in ms for ms in results.values())})
   return summary
 
 
@@ -250,13 +270,34 @@ def write_report(out, config: Config, results: dict, meta_result, timings: dict)
                  f"({s['worst_task']}); test-loss ratio per task: "
                  + ", ".join(f"{k} {v:.3f}" for k, v in s["test_loss_ratio_to_tuned_cosine"].items())
                  + "; accuracy gain over Adam 1e-3 per task: "
-                 + ", ".join(f"{k} {v:+.4f}" for k, v in s["acc_gain_over_adam_1e3"].items()))
+                 + ", ".join(f"{k} {v:+.4f}" for k, v in s["acc_gain_over_adam_1e3"].items())
+                 + "; mean accuracy gain over each self-tuning optimizer: "
+                 + ", ".join(f"{LABELS[k]} {v:+.4f}"
+                             for k, v in s["mean_acc_gain_over_self_tuning"].items()))
+  ttt_rows, profile = time_to_target(results, "tuned_cosine", labels, out)
+  ranked = sorted(profile["score"].items(), key=lambda kv: -kv[1])
+  lines += ["", "## Time to target (AlgoPerf style)", "",
+            "Each held-out task's target is the tuned cosine's final validation accuracy (mean "
+            "over seeds). `steps to target`: the first evaluated step at which a method's mean "
+            "validation accuracy reaches it. A tuned method is charged its whole grid (its "
+            "steps plus one full run for every other configuration it tried: the LR grid, "
+            "twice for cosine with and without warmup); Adam 1e-3, the learned controllers "
+            "and the self-tuning optimizers one run. `time to target s`: that cost at the "
+            "method's measured time per step. The performance profile is the fraction of "
+            "tasks a method reaches within tau times the cheapest method's cost; its score "
+            "is the area under it over log tau in [1, 4], normalized (1: cheapest everywhere).",
+            "", report.markdown_table(ttt_rows, TTT_COLUMNS), "",
+            "| method | profile score |", "|---|---|"]
+  lines += [f"| {LABELS[m]} | {v:.3f} |" for m, v in ranked]
+  lines += ["", "![performance profile](profile.png)"]
   lines += ["", "![LR over steps](lr.png)", "", "![test loss](loss.png)", "",
             "![meta-training](meta_loss.png)", "",
            "The meta-loss (faint: every meta step; bold: its moving average) is a sawtooth: "
            "each lane restarts on a new task when its run ends, and a fresh run's early "
            "validation losses are higher than a nearly trained one's.", ""]
   data = {"config": config_lib.to_dict(config), "rows": rows, "summary": summary,
+          "time_to_target": {"rows": ttt_rows, "score": profile["score"],
+                             "costs": profile["costs"]},
           "timings": timings,
           "curves": {t: {m: r["curves"]._asdict() for m, r in ms.items()}
                      for t, ms in results.items()}}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import warnings
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -100,5 +100,117 @@ def plot_method_curves(path, tasks: Mapping[str, Mapping[str, Any]], labels: Map
 
 
 def lr_curve(curves) -> tuple:
-  """Mean applied LR over seeds, per step (``TrainResult.learning_rate`` [seeds, steps])."""
-  return np.arange(1, curves.learning_rate.shape[1] + 1), np.nanmean(curves.learning_rate, axis=0)
+  """Mean applied LR over seeds, per step (``TrainResult.learning_rate`` [seeds, steps]);
+  NaN for a method whose state shows no LR (DoG, Mechanic)."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    return (np.arange(1, curves.learning_rate.shape[1] + 1),
+            np.nanmean(curves.learning_rate, axis=0))
+
+
+# --- time to target, in the style of AlgoPerf ------------------------------------------------
+
+
+def steps_to_target(eval_steps, metric, target: float, *, higher_is_better: bool = True
+                    ) -> Optional[float]:
+  """The first evaluated step whose metric reaches ``target`` (None if never).
+
+  ``metric`` is one value per evaluation (e.g. the mean over seeds).
+  """
+  eval_steps, metric = np.asarray(eval_steps), np.asarray(metric, np.float64)
+  if eval_steps.shape != metric.shape or metric.ndim != 1:
+    raise ValueError(f"need one metric per evaluated step, got shapes {eval_steps.shape} and "
+                     f"{metric.shape}")
+  reached = metric >= target if higher_is_better else metric <= target
+  hits = np.flatnonzero(reached & np.isfinite(metric))
+  return float(eval_steps[hits[0]]) if len(hits) else None
+
+
+def validation_target(workload: str, val_metric) -> float:
+  """The target of a workload: the final validation metric of its reference run (the
+  best-of-grid cosine); ValueError when there is none to compute it from."""
+  values = np.asarray(val_metric, np.float64).reshape(-1)
+  if values.size == 0 or not np.isfinite(values[-1]):
+    raise ValueError(f"workload {workload!r} has no finite validation metric to set a target "
+                     "from (it needs a validation split and a reference run that finished)")
+  return float(values[-1])
+
+
+def performance_profile(costs: Mapping[str, Mapping[str, Optional[float]]],
+                        taus: Sequence[float]) -> dict[str, np.ndarray]:
+  """For each method, the fraction of workloads on which it reaches the target within
+  ``tau`` times the cheapest method's cost, for every ``tau``.
+
+  ``costs[method][workload]``: the cost (steps) to reach the workload's target, None
+  when never reached. A workload no method reaches counts against every method.
+  """
+  taus = np.asarray(taus, np.float64)
+  if taus.size == 0 or not np.all(np.isfinite(taus)) or np.any(taus < 1):
+    raise ValueError(f"taus must be a non-empty range of finite values >= 1, got "
+                     f"{taus.tolist()}")
+  workloads = sorted({w for per in costs.values() for w in per})
+  if not workloads:
+    raise ValueError("performance_profile needs at least one workload")
+  cost = np.array([[np.inf if costs[m].get(w) is None else float(costs[m][w])
+                    for w in workloads] for m in costs])
+  best = cost.min(axis=0)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    ratio = np.where(np.isfinite(best), cost / best, np.inf)
+  return {m: (ratio[i][None, :] <= taus[:, None]).mean(axis=1) for i, m in enumerate(costs)}
+
+
+def profile_score(profile: np.ndarray, taus: Sequence[float]) -> float:
+  """AlgoPerf's single number: the area under a performance profile over log(tau),
+  normalized to [0, 1] (1: the fastest method on every workload)."""
+  taus = np.log(np.asarray(taus, np.float64))
+  if taus.size < 2 or taus[-1] <= taus[0]:
+    raise ValueError("profile_score needs an increasing range of at least two taus")
+  profile = np.asarray(profile, np.float64)
+  return float(np.sum((profile[1:] + profile[:-1]) / 2 * np.diff(taus)) / (taus[-1] - taus[0]))
+
+
+TAUS = np.exp(np.linspace(0.0, np.log(4.0), 61))  # AlgoPerf's range: 1 to 4 times the fastest
+
+
+TTT_COLUMNS = ("task", "method", "target", "steps to target", "cost (steps, grid charged)",
+               "time to target s")
+
+
+def time_to_target(results: Mapping[str, Mapping[str, Mapping[str, Any]]], reference: str,
+                   labels: Mapping[str, str], out=None) -> tuple[list[dict], dict]:
+  """Steps and wall time each method needs to reach each workload's validation target.
+
+  ``results[task][method]`` holds ``curves`` (a TrainResult over seeds), ``wall_time``
+  (of all its runs), ``runs`` (how many) and ``grid`` (configurations tried to pick it:
+  1 for a method used as it is). The target is the final mean validation accuracy of
+  ``reference`` (the best-of-grid cosine). A tuned method is charged its whole grid:
+  its own steps to the target plus ``grid - 1`` full runs. Returns the table rows and
+  ``{"profile": {method: [fractions]}, "score": {method: s}, "taus": [...]}``; with
+  ``out``, also plots ``profile.png``.
+  """
+  rows, costs = [], {m: {} for m in labels}
+  for task, methods in results.items():
+    ref = methods[reference]["curves"]
+    target = validation_target(task, np.nanmean(ref.val_accuracy, axis=0))
+    for m in labels:
+      if m not in methods:
+        continue
+      r = methods[m]
+      c = r["curves"]
+      total = c.learning_rate.shape[-1]
+      steps = steps_to_target(c.eval_steps[0], np.nanmean(c.val_accuracy, axis=0), target)
+      cost = None if steps is None else steps + (r.get("grid", 1) - 1) * total
+      per_step = r["wall_time"] / (r["runs"] * total)
+      costs[m][task] = cost
+      rows.append({"task": task, "method": labels[m], "target": target,
+                   "steps to target": steps, "cost (steps, grid charged)": cost,
+                   "time to target s": None if cost is None else cost * per_step})
+  profile = performance_profile(costs, TAUS)
+  scores = {m: profile_score(p, TAUS) for m, p in profile.items()}
+  if out is not None:
+    report.plot_panels(pathlib.Path(out) / "profile.png",
+                       {"performance profile (AlgoPerf style)":
+                        {f"{labels[m]} ({scores[m]:.2f})": (TAUS, p) for m, p in profile.items()}},
+                       xlabel="tau: cost / cheapest method's cost",
+                       ylabel="fraction of workloads at target")
+  return rows, {"taus": TAUS, "profile": profile, "score": scores, "costs": costs}

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from metaopt import report
 from metaopt.checkpoint import Checkpoints
-from metaopt.schedules import current_lr, has_stop_signal, should_stop
+from metaopt.schedules import current_lr, evaluation_params, has_stop_signal, should_stop
 from metaopt.unroll import unroll
 from metaopt.validation import check_int
 
@@ -175,7 +175,8 @@ def make_train_fn(task, make_tx: MakeTx, *, steps: int, eval_every: int,
 
     def chunk(state, _):
       state, metrics = unroll(step, hparams, state, None, length=eval_every)
-      evals = evaluate(state.params, arrays)
+      # Schedule-free optimizers are evaluated at their averaged parameters.
+      evals = evaluate(evaluation_params(state.opt_state, state.params), arrays)
       state = state._replace(val_loss=evals[0], new_eval=jnp.asarray(True))
       return state, (metrics, evals)
 

@@ -98,7 +98,8 @@ QUICK = adaptive_lr.quick_config
 def tiny_quick(seed=0):
   return dataclasses.replace(QUICK(seed), datasets=("iris",), width=8,
                              depth=1, epochs=2, tune_lrs=(1e-3, 1e-2),
-                             include_pretrained=False)  # one program less; pretrained_lr is tested elsewhere
+                             include_pretrained=False,  # pretrained_lr is tested elsewhere
+                             self_tuning=("dog",))
 
 
 def test_cli_adaptive_lr_quick_writes_report_results_and_plots(tmp_path, monkeypatch):
@@ -110,7 +111,8 @@ def test_cli_adaptive_lr_quick_writes_report_results_and_plots(tmp_path, monkeyp
     assert (out / name).stat().st_size > 0, name
   results = json.loads((out / "results.json").read_text())
   methods = {r["method"] for r in results["rows"]}
-  assert set(adaptive_lr.LABELS.values()) - {"learned (shipped)"} <= methods
+  assert set(adaptive_lr.LABELS.values()) - {"learned (shipped)"} - set(
+      adaptive_lr.SELF_TUNING_LABELS.values()) | {"DoG"} <= methods
   for row in results["rows"]:
     assert 0.0 <= row["test acc"] <= 1.0
   curves = results["curves"]["iris"]

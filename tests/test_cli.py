@@ -51,7 +51,8 @@ def tiny_quick(seed=0):
   config = QUICK(seed)
   return dataclasses.replace(
       config, meta=dataclasses.replace(config.meta, meta_steps=4, checkpoint_every=2),
-      heldout=(TaskConfig("iris", "mlp", 12, 1, 16, 100, 0),), lrs=(1e-3, 1e-2), evals=5)
+      heldout=(TaskConfig("iris", "mlp", 12, 1, 16, 100, 0),), lrs=(1e-3, 1e-2), evals=5,
+      self_tuning=("prodigy",))
 
 
 def test_run_writes_report_results_and_plots(tmp_path, monkeypatch, capsys):
@@ -77,6 +78,11 @@ def test_run_writes_report_results_and_plots(tmp_path, monkeypatch, capsys):
   lr_rows = [r for r in rows if r["metric"] == "learning_rate" and r["method"] == "learned"]
   assert [int(r["step"]) for r in lr_rows] == list(range(1, 101))
   assert {r["method"] for r in rows} >= {"constant", "tuned_cosine", "learned"}
+  # The time to the tuned cosine's validation accuracy, for every method, and its profile.
+  ttt = results["time_to_target"]
+  assert {r["method"] for r in ttt["rows"]} >= {"tuned cosine", "Prodigy", "learned (this run)"}
+  assert set(ttt["score"]) >= {"tuned_cosine", "prodigy"} and (out / "profile.png").exists()
+  assert all(0.0 <= s <= 1.0 for s in ttt["score"].values())
   meta = list(csv.DictReader((out / "meta" / "metrics.csv").open()))
   assert [int(r["step"]) for r in meta] == [0, 1, 2, 3] and float(meta[0]["meta_loss"]) > -10
   assert list((out / "tensorboard").glob("events.*")) and list(

@@ -203,7 +203,7 @@ def test_a_torn_last_metrics_line_is_dropped_and_a_bad_middle_line_is_named(tmp_
 
 TINY = ["--quick", "--no-progress", "--set", "meta.meta_steps=8", "--set", "meta.checkpoint_every=2",
         "--set", "seeds=1", "--set", "lrs=[0.001]", "--set", "evals=2",
-        "--set", "include_pretrained=false",
+        "--set", "include_pretrained=false", "--set", "self_tuning=[]",
         "--set", "heldout=[{dataset='iris', model='mlp', width=8, depth=1, batch_size=16, "
                  "total_steps=40, seed=0}]"]
 

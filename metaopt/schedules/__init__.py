@@ -1,7 +1,9 @@
 """Optax transforms that set the learning rate."""
 
-from metaopt.schedules.baselines import SCHEDULES, adam_with_schedule, unit_schedule
-from metaopt.schedules.common import current_lr, has_stop_signal, scale_by_lr, should_stop
+from metaopt.schedules.baselines import (SCHEDULES, SELF_TUNING, adam_with_schedule, self_tuning,
+                                         unit_schedule)
+from metaopt.schedules.common import (current_lr, evaluation_params, has_stop_signal, scale_by_lr,
+                                      should_stop)
 from metaopt.schedules.hypergradient import (
     HypergradientAdamState,
     HypergradientState,
@@ -31,6 +33,6 @@ __all__ = [
     "HypergradientAdamState", "HypergradientState", "hypergradient_adam", "hypergradient_lr",
     "hypergradient_sgd",
     "EarlyStoppingState", "PlateauState", "early_stopping", "plateau_lr",
-    "current_lr", "has_stop_signal", "scale_by_lr", "should_stop",
-    "SCHEDULES", "adam_with_schedule", "unit_schedule",
+    "current_lr", "evaluation_params", "has_stop_signal", "scale_by_lr", "should_stop",
+    "SCHEDULES", "adam_with_schedule", "unit_schedule", "SELF_TUNING", "self_tuning",
 ]

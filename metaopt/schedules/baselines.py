@@ -1,7 +1,12 @@
-"""Hand-made LR schedules from optax, as ``make_tx(lr)`` factories for grids.
+"""The baselines a learned LR is measured against, all from optax.
 
-Every baseline is Adam under ``optax.inject_hyperparams`` so the applied LR is
-readable from the state; the peak LR may be traced, so a grid is one vmap.
+- Hand-made LR schedules, as ``make_tx(lr)`` factories for grids: Adam under
+  ``optax.inject_hyperparams`` so the applied LR is readable from the state; the peak
+  LR may be traced, so a grid is one vmap.
+- The self-tuning optimizers of ``optax.contrib`` that people reach for to avoid
+  tuning, at their documented defaults (never a copy): schedule-free AdamW (evaluated
+  at its averaged parameters, see :func:`metaopt.schedules.evaluation_params`),
+  Prodigy, D-Adaptation AdamW, Mechanic on Adam and DoG.
 """
 
 from __future__ import annotations
@@ -9,6 +14,8 @@ from __future__ import annotations
 from typing import Callable
 
 import optax
+
+from metaopt.validation import check_choice
 
 SCHEDULES = ("constant", "step", "cosine", "warmup_cosine")
 DEFAULT_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
@@ -41,3 +48,20 @@ def adam_with_schedule(name: str, total_steps: int) -> Callable[..., optax.Gradi
   unit_schedule(name, total_steps)  # validates the name now, not under jit
   return lambda lr: optax.inject_hyperparams(optax.adam)(
       learning_rate=schedule_fn(name, lr, total_steps))
+
+
+# name: a complete optimizer at optax.contrib's documented defaults.
+SELF_TUNING: dict[str, Callable[[], optax.GradientTransformation]] = {
+    "schedule_free_adamw": lambda: optax.contrib.schedule_free_adamw(),
+    "prodigy": lambda: optax.contrib.prodigy(),
+    "dadapt_adamw": lambda: optax.contrib.dadapt_adamw(),
+    # Mechanic learns the scale of its base optimizer's updates: base LR 1.0, as its
+    # docstring says.
+    "mechanic": lambda: optax.contrib.mechanize(optax.adam(1.0)),
+    "dog": lambda: optax.contrib.dog(),
+}
+
+
+def self_tuning(name: str) -> optax.GradientTransformation:
+  """The ``optax.contrib`` self-tuning optimizer ``name`` at its defaults."""
+  return SELF_TUNING[check_choice("self-tuning optimizer", name, SELF_TUNING)]()

@@ -1,7 +1,8 @@
 """What every metaopt LR transform shares: the scaling step, and reading its state.
 
 A transform that sets the LR keeps it in a ``NamedTuple`` state field named
-``learning_rate``; one that can tell a training loop to stop keeps a bool field
+``learning_rate`` (optax.contrib's Prodigy and D-Adaptation call theirs
+``estim_lr``); one that can tell a training loop to stop keeps a bool field
 ``stop``. :func:`current_lr` and :func:`should_stop` find those fields anywhere
 in an optimizer state (a chain, ``optax.MultiSteps``, ``inject_hyperparams``),
 so a new transform needs no registration.
@@ -37,8 +38,15 @@ def _has_field(node: Any, field: str) -> bool:
   return isinstance(node, tuple) and field in getattr(node, "_fields", ())
 
 
+LR_FIELDS = ("learning_rate", "estim_lr")
+
+
+def _lr_field(node: Any):
+  return next((f for f in LR_FIELDS if _has_field(node, f)), None)
+
+
 def _is_lr_node(node: Any) -> bool:
-  return isinstance(node, _INJECT_STATES) or _has_field(node, "learning_rate")
+  return isinstance(node, _INJECT_STATES) or _lr_field(node) is not None
 
 
 def current_lr(opt_state: PyTree) -> jax.Array:
@@ -52,11 +60,22 @@ def current_lr(opt_state: PyTree) -> jax.Array:
     if isinstance(node, _INJECT_STATES):
       if "learning_rate" in node.hyperparams:
         found.append(node.hyperparams["learning_rate"])
-    elif _has_field(node, "learning_rate"):
-      found.append(node.learning_rate)
+    elif _lr_field(node) is not None:
+      found.append(getattr(node, _lr_field(node)))
   if len(found) > 1:
     raise ValueError(f"opt_state holds {len(found)} learning rates; expected one")
   return jnp.asarray(found[0], jnp.float32) if found else jnp.full((), jnp.nan)
+
+
+def evaluation_params(opt_state: PyTree, params: PyTree) -> PyTree:
+  """The parameters to evaluate: ``params``, or for a schedule-free optimizer anywhere in
+  ``opt_state`` its averaged iterate (``optax.contrib.schedule_free_eval_params``), which
+  is what its authors evaluate."""
+  is_free = lambda x: isinstance(x, optax.contrib.ScheduleFreeState)
+  free = [s for s in jax.tree.leaves(opt_state, is_leaf=is_free) if is_free(s)]
+  if len(free) > 1:
+    raise ValueError(f"opt_state holds {len(free)} schedule-free states; expected one")
+  return optax.contrib.schedule_free_eval_params(free[0], params) if free else params
 
 
 def _stop_flags(state: PyTree) -> list:

@@ -1,0 +1,83 @@
+"""AlgoPerf-style scoring (time to target, performance profiles) and the optax.contrib
+self-tuning baselines in the experiments' training loop."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from metaopt.experiments import protocol
+from metaopt.schedules import SELF_TUNING, early_stopping, evaluation_params, self_tuning
+from metaopt.tasks import TaskConfig, make_task
+from metaopt.train import train_grid
+
+STEPS = np.array([0, 10, 20, 30, 40])
+
+
+@pytest.mark.parametrize("curve, expected", [
+    ([0.1, 0.5, 0.9, 0.95, 0.95], 20.0),    # reached
+    ([0.1, 0.2, 0.3, 0.5, 0.91], 40.0),     # reached at the last evaluation
+    ([0.1, 0.2, 0.3, 0.5, 0.89], None),     # never reached
+    ([0.1, np.nan, 0.95, 0.2, 0.2], 20.0),  # a NaN is not a hit; a later drop does not undo one
+])
+def test_steps_to_target_on_hand_made_curves(curve, expected):
+  assert protocol.steps_to_target(STEPS, curve, 0.9) == expected
+
+
+def test_lower_is_better_targets():
+  assert protocol.steps_to_target(STEPS, [3, 2, 1, 0.5, 0.4], 1.0, higher_is_better=False) == 20
+
+
+def test_performance_profile_and_score_on_a_hand_made_table():
+  costs = {"a": {"w1": 100, "w2": 400, "w3": None},
+           "b": {"w1": 200, "w2": 100, "w3": 300},
+           "c": {"w1": None, "w2": None, "w3": None}}
+  taus = [1.0, 2.0, 4.0]
+  profile = protocol.performance_profile(costs, taus)
+  # a: fastest on w1, 4x on w2, never on w3; b: 2x on w1, fastest on w2 and w3.
+  np.testing.assert_allclose(profile["a"], [1 / 3, 1 / 3, 2 / 3])
+  np.testing.assert_allclose(profile["b"], [2 / 3, 1.0, 1.0])
+  np.testing.assert_allclose(profile["c"], [0.0, 0.0, 0.0])
+  assert protocol.profile_score(profile["b"], taus) > protocol.profile_score(profile["a"], taus)
+  assert protocol.profile_score(np.ones(3), taus) == pytest.approx(1.0)
+  assert protocol.profile_score(profile["c"], taus) == 0.0
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: protocol.performance_profile({"a": {"w": 1}}, []), "taus must be a non-empty"),
+    (lambda: protocol.performance_profile({"a": {"w": 1}}, [0.5, 2]), "taus must be"),
+    (lambda: protocol.profile_score(np.ones(1), [1.0]), "at least two taus"),
+    (lambda: protocol.validation_target("iris", [np.nan]), "workload 'iris' has no finite"),
+    (lambda: protocol.validation_target("iris", []), "needs a validation split"),
+    (lambda: self_tuning("adagrad_free"), "unknown self-tuning optimizer 'adagrad_free'; "
+                                          "accepted: schedule_free_adamw"),
+])
+def test_bad_input_is_named(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()
+
+
+def test_every_self_tuning_baseline_trains_in_the_experiments_loop():
+  """As adaptive-lr runs them: validation losses fed, early stopping chained after."""
+  task = make_task(TaskConfig("iris", "mlp", 8, 1, 16, 20, 0))
+  for name in SELF_TUNING:
+    make_tx = lambda _, n=name: optax.chain(self_tuning(n), early_stopping(5))
+    res, _ = train_grid(task, make_tx, jnp.zeros(1), jax.random.PRNGKey(0)[None], steps=20,
+                        eval_every=10, feed_val_loss=True)
+    assert np.all(np.isfinite(res.train_loss)), name
+    assert res.val_loss[0, -1] != res.val_loss[0, 0], name   # the parameters moved
+
+
+def test_schedule_free_is_evaluated_at_its_averaged_parameters():
+  tx = self_tuning("schedule_free_adamw")
+  params = {"w": jnp.ones(3)}
+  state = tx.init(params)
+  for _ in range(3):
+    updates, state = tx.update({"w": jnp.ones(3)}, state, params)
+    params = optax.apply_updates(params, updates)
+  averaged = evaluation_params(state, params)
+  np.testing.assert_allclose(averaged["w"],
+                             optax.contrib.schedule_free_eval_params(state, params)["w"])
+  assert not np.allclose(averaged["w"], params["w"])
+  assert evaluation_params(optax.adam(1e-3).init(params), params) is params
