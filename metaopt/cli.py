@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 from metaopt import config as config_lib
 from metaopt import experiments, report, train
 from metaopt.hparams import Predictor, RunStore
+from metaopt.hparams import db
 from metaopt.hparams import sweep as sweep_lib
 from metaopt.hparams.features import task_features
 from metaopt.tasks import DATASETS, MODEL_KINDS, load_dataset
@@ -95,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
       "into a run store", description="Fill a run store with training runs: each "
       "(dataset, model) pair gets --trials configurations. Resumes: runs already in the "
       "store are skipped.")
-  sweep.add_argument("--store", required=True, metavar="PATH", help="run store (SQLite file)")
+  sweep.add_argument("--store", required=True, metavar="PATH|URL",
+                     help="run store: an SQLite file, or postgresql://USER:PASSWORD@HOST:PORT/DB "
+                     "shared by workers on many hosts (each runs the same command)")
   sweep.add_argument("--datasets", help="comma-separated (default: all; see `metaopt list`)")
   sweep.add_argument("--models", help=f"comma-separated from {','.join(MODEL_KINDS)} "
                      "(default: all; cnn only runs on image datasets)")
@@ -109,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="search space file: a list of {name, type, low, high, log} or "
                      "{name, type: categorical, choices} (default: the built-in space)")
   sweep.add_argument("--seed", type=SEED, default=0)
+  sweep.add_argument("--claim-timeout", type=_positive_float(sweep_lib.MAX_CLAIM_TIMEOUT),
+                     default=sweep_lib.CLAIM_TIMEOUT, metavar="SECONDS",
+                     help="PostgreSQL stores: runs claimed by a worker that stopped renewing "
+                     f"its claims go to another worker after this long (default "
+                     f"{sweep_lib.CLAIM_TIMEOUT:g})")
   sweep.add_argument("--quick", action="store_true",
                      help="a tiny sweep: iris and wine, mlp, 4 trials, 2 epochs")
   sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -116,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
   hp_commands = hparams.add_subparsers(dest="hparams_command", metavar="ACTION",
                                        parser_class=_Parser)
   fit = hp_commands.add_parser("fit", help="fit a predictor on a run store")
-  fit.add_argument("--store", required=True, help="run store file (metaopt sweep writes one)")
+  fit.add_argument("--store", required=True, metavar="PATH|URL",
+                   help="run store: SQLite file or postgresql:// URL (metaopt sweep writes one)")
   fit.add_argument("--out", required=True, help="folder to save the predictor to")
   fit.add_argument("--metric", default="val_accuracy")
   fit.add_argument("--mode", default="max", help="max or min: which metric values are better")
@@ -221,7 +230,7 @@ def _run(args) -> int:
     return 0
   store = getattr(config, "store", None)
   if store is not None:
-    check_writable_file("--store", store)
+    _check_store("--store", store)
     RunStore(store).close()  # a bad path fails now, not after the training
   if getattr(config, "save_controller", None) is not None:
     check_writable_folder("--save-controller", config.save_controller)
@@ -254,20 +263,28 @@ def _split(text, label: str, accepted) -> tuple | None:
   return names
 
 
+def _check_store(label: str, store) -> None:
+  """An SQLite store's file must be writable; a database URL is checked by opening it."""
+  path = db.sqlite_path(store)
+  if path is not None:
+    check_writable_file(label, path)
+
+
 def _sweep(args) -> int:
   quick = sweep_lib.QUICK if args.quick else {}
   datasets = _split(args.datasets, "datasets", DATASETS) or quick.get("datasets")
   models = _split(args.models, "models", MODEL_KINDS) or quick.get("models")
   trials = args.trials if args.trials is not None else quick.get("trials_per_task", 30)
   epochs = args.epochs if args.epochs is not None else quick.get("epochs", 5)
-  check_writable_file("--store", args.store)
+  _check_store("--store", args.store)
   space = sweep_lib.load_space(args.space) if args.space else sweep_lib.DEFAULT_SPACE
   report = sweep_lib.sweep(args.store, datasets=datasets, models=models, space=space,
                            trials_per_task=trials, epochs=epochs, seed=args.seed,
-                           workers=args.workers, progress=not args.no_progress)
+                           workers=args.workers, progress=not args.no_progress,
+                           claim_timeout=args.claim_timeout)
   print(f"metaopt: {report.added} runs added ({report.diverged} diverged, {report.failed} "
         f"failed), {report.skipped} already in the store, {report.tasks} tasks, "
-        f"{report.wall_time:.1f} s; store {args.store}")
+        f"{report.wall_time:.1f} s; store {db.mask(args.store)}")
   for d, m, reason in report.invalid:
     print(f"  skipped {d}/{m}: {reason}")
   return 0
@@ -278,7 +295,8 @@ def _hparams(args, parser) -> int:
   if args.hparams_command is None:
     raise ValueError("metaopt hparams needs an action: fit or suggest")
   if args.hparams_command == "fit":
-    if not pathlib.Path(args.store).is_file():
+    path = db.sqlite_path(args.store)
+    if path is not None and not path.is_file():
       raise FileNotFoundError(f"no run store at {args.store!r}")
     check_writable_folder("--out", args.out)  # before the fitting, not after
     space = None

@@ -60,6 +60,7 @@ class RunState(NamedTuple):
   new_eval: Any = None   # bool: val_loss is fresh (the first step after an evaluation)
   stopped: Any = None    # bool: early stopping has frozen the run (None: not tracked)
   stop_step: Any = None  # int32 step at which the run stopped (steps if it never did)
+  model_state: Any = None  # a stateful model's state (BatchNorm statistics); None otherwise
 
 
 class TrainState(train_state.TrainState):
@@ -102,7 +103,7 @@ class TrainResult(NamedTuple):
 
 def steps_per_epoch(task) -> int:
   """Minibatches per pass over the training split: ``ceil(n_train / batch_size)``."""
-  return math.ceil(task.data.x_train.shape[0] / task.config.batch_size)
+  return math.ceil(task.data.num_examples("train") / task.config.batch_size)
 
 
 def training_step(task, tx: optax.GradientTransformation, arrays: dict, *,
@@ -122,13 +123,19 @@ def training_step(task, tx: optax.GradientTransformation, arrays: dict, *,
     kw = {}
     if dropout is not None:  # hparams are otherwise already inside tx
       kw = dict(dropout_rate=dropout(hparams), key=jax.random.fold_in(step_key, 1))
-    loss, grads = jax.value_and_grad(task.loss)(state.params, batch, **kw)
+    if state.model_state is None:
+      loss, grads = jax.value_and_grad(task.loss)(state.params, batch, **kw)
+      model_state = None
+    else:  # BatchNorm statistics move with the step, as in any Flax training loop
+      (loss, model_state), grads = jax.value_and_grad(task.loss_and_state, has_aux=True)(
+          state.params, state.model_state, batch, **kw)
     extra = {}
     if feed_val_loss and state.val_loss is not None:
       extra = dict(val_loss=state.val_loss, new_eval=state.new_eval)
     updates, opt_state = tx.update(grads, state.opt_state, state.params, value=loss, **extra)
     params = optax.apply_updates(state.params, updates)
-    new = state._replace(params=params, opt_state=opt_state, step=state.step + 1)
+    new = state._replace(params=params, opt_state=opt_state, step=state.step + 1,
+                         model_state=model_state)
     if state.new_eval is not None:
       new = new._replace(new_eval=jnp.zeros_like(state.new_eval))
     if state.stopped is not None and has_stop_signal(opt_state):
@@ -136,6 +143,7 @@ def training_step(task, tx: optax.GradientTransformation, arrays: dict, *,
       pick = lambda cond, a, b: jax.tree.map(lambda x, y: jnp.where(cond, x, y), a, b)
       new = new._replace(
           params=pick(stop, state.params, params),
+          model_state=pick(stop, state.model_state, model_state),
           opt_state=pick(state.stopped, state.opt_state, opt_state),
           stopped=stop,
           stop_step=jnp.where(stop & ~state.stopped, state.step, state.stop_step))
@@ -156,27 +164,30 @@ def make_train_fn(task, make_tx: MakeTx, *, steps: int, eval_every: int,
     raise ValueError(f"need steps >= 1 divisible by eval_every >= 1, got "
                      f"steps={steps}, eval_every={eval_every}")
 
-  def evaluate(params, arrays):
-    val = task.metrics(params, arrays["x_val"], arrays["y_val"])
-    test = task.metrics(params, arrays["x_test"], arrays["y_test"])
+  def evaluate(params, arrays, model_state=None):
+    val = task.metrics(params, arrays["x_val"], arrays["y_val"], model_state)
+    test = task.metrics(params, arrays["x_test"], arrays["y_test"], model_state)
     return (val["loss"], val["accuracy"], test["loss"], test["accuracy"])
 
   def run(hparams, key, arrays) -> TrainResult:
     tx = make_tx(hparams)
     init_key, data_key = jax.random.split(key)
     params = task.init(init_key)
-    first = evaluate(params, arrays)
+    model_state = task.init_state(init_key) if task.stateful else None
+    first = evaluate(params, arrays, model_state)
     # The initial evaluation is the first val_loss, but not a new one: the
     # optimizer counts only the evaluations after each chunk of steps.
     state = RunState(params, tx.init(params), data_key, jnp.zeros((), jnp.int32),
                        val_loss=first[0], new_eval=jnp.asarray(False),
-                       stopped=jnp.asarray(False), stop_step=jnp.asarray(steps, jnp.int32))
+                       stopped=jnp.asarray(False), stop_step=jnp.asarray(steps, jnp.int32),
+                       model_state=model_state)
     step = training_step(task, tx, arrays, feed_val_loss=feed_val_loss, dropout=dropout)
 
     def chunk(state, _):
       state, metrics = unroll(step, hparams, state, None, length=eval_every)
       # Schedule-free optimizers are evaluated at their averaged parameters.
-      evals = evaluate(evaluation_params(state.opt_state, state.params), arrays)
+      evals = evaluate(evaluation_params(state.opt_state, state.params), arrays,
+                       state.model_state)
       state = state._replace(val_loss=evals[0], new_eval=jnp.asarray(True))
       return state, (metrics, evals)
 

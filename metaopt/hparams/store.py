@@ -1,15 +1,18 @@
-"""A record of past training runs: an SQLite file with a versioned schema.
+"""A record of past training runs: an SQLite file, or a PostgreSQL database that many
+hosts share, with a versioned schema.
 
 One row per run: the task id and its meta-features, the model, the
 hyperparameters, final metrics, per-epoch curves, wall time, a status and the
-software versions that produced it. Several processes may write into one file
-at once (WAL journal + busy timeout: writers wait for each other instead of
-failing). Dict-valued columns are JSON text; a row that does not decode (e.g.
-written half-way or by another program) is skipped with a warning, never losing
-the rest. Every value is checked before it is written (finite numbers that fit
-a float64, bounded strings and nesting), so whatever is stored can be read back
-and learned from. Opening runs ``PRAGMA quick_check``: a damaged file is opened
-read-only, or refused, and never written.
+software versions that produced it. Several processes may write into one store
+at once (SQLite: WAL journal + busy timeout, writers wait for each other instead
+of failing; PostgreSQL: the server's transactions). Dict-valued columns are JSON
+text; a row that does not decode (e.g. written half-way or by another program)
+is skipped with a warning, never losing the rest. Every value is checked before
+it is written (finite numbers that fit a float64, bounded strings and nesting),
+so whatever is stored can be read back and learned from. Opening an SQLite file
+runs ``PRAGMA quick_check``: a damaged file is opened read-only, or refused, and
+never written. What differs between the two databases lives in
+:mod:`metaopt.hparams.db`; everything here holds for both.
 
 Runs logged elsewhere come in through JSON Lines or CSV; see ``docs/run_store.md``.
 """
@@ -27,14 +30,13 @@ import pathlib
 import platform
 import re
 import reprlib
-import sqlite3
-import stat
-import time
 import warnings
 from typing import Any, Iterable, Iterator, NamedTuple, Optional, Union
 
 import numpy as np
 
+from metaopt.hparams import db as db_lib
+from metaopt.hparams.db import StoreAccessError  # noqa: F401 (raised by the backends)
 from metaopt.validation import check_choice, check_int, is_integer
 from metaopt.validation import is_number as _is_number
 
@@ -42,7 +44,7 @@ SCHEMA_VERSION = 1
 FORMAT = "metaopt-runstore"
 STATUSES: tuple[str, ...] = ("completed", "diverged", "failed")
 MODES: tuple[str, ...] = ("max", "min")  # which values of a metric are better
-BUSY_TIMEOUT_MS = 60_000
+BUSY_TIMEOUT_MS = db_lib.BUSY_TIMEOUT_MS
 CONFLICTS: tuple[str, ...] = ("error", "skip")  # add_many(on_conflict=...)
 
 # Bounds on what a row may hold, so that every stored value can be read back and used.
@@ -53,7 +55,6 @@ INT64 = (-2 ** 63, 2 ** 63 - 1)  # integer hparams and integers in model / extra
 _JSON_INT_DIGITS = 400   # a JSON integer with more digits cannot fit in a float64
 _CSV_RECORD_LINES = 1000  # a CSV record spanning more lines is malformed (an unclosed quote)
 
-_SQLITE_HEADER = b"SQLite format 3\x00"
 _JSON_COLUMNS = ("task_features", "model", "hparams", "metrics", "curves", "versions", "extra")
 _COLUMNS = ("id", "run_key", "task", "task_features", "model", "hparams", "metrics", "curves",
             "status", "wall_time", "versions", "created", "extra")
@@ -63,25 +64,6 @@ ROW_KEYS: tuple[str, ...] = ("task", "task_features", "hparams", "metrics", "mod
                              "id")
 _REQUIRED = ("task", "task_features", "hparams", "metrics")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS runs (
-  id INTEGER PRIMARY KEY AUTOINCREMENT,
-  run_key TEXT UNIQUE,
-  task TEXT NOT NULL,
-  task_features TEXT NOT NULL,
-  model TEXT NOT NULL,
-  hparams TEXT NOT NULL,
-  metrics TEXT NOT NULL,
-  curves TEXT NOT NULL,
-  status TEXT NOT NULL,
-  wall_time REAL,
-  versions TEXT NOT NULL,
-  created TEXT NOT NULL,
-  extra TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS runs_task ON runs (task);
-"""
 
 
 class Run(NamedTuple):
@@ -105,11 +87,6 @@ class ImportReport(NamedTuple):
   """How many rows were imported, and (line number, reason) for each rejected row."""
   imported: int
   rejected: list
-
-
-class StoreAccessError(PermissionError, ValueError):
-  """The store's file or folder may not be read or written by this user. A ValueError
-  too, so whatever reports ValueErrors in one line (the CLI) reports this one."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -172,6 +149,15 @@ def _text(where: str, value: str, limit: Optional[int] = MAX_TEXT) -> str:
     except UnicodeEncodeError:
       raise ValueError(f"{where} is not valid Unicode text (it holds a lone surrogate), "
                        f"got {_show(value)}") from None
+  return value
+
+
+def _column_text(where: str, value: str) -> str:
+  """A string stored in a column of its own (not inside JSON, which escapes it): also no
+  NUL character, which PostgreSQL text cannot hold."""
+  _text(where, value)
+  if "\x00" in value:
+    raise ValueError(f"{where} must not contain a NUL character, got {_show(value)}")
   return value
 
 
@@ -368,7 +354,7 @@ def _validate_row(row: dict) -> dict:
   task = row["task"]
   if not isinstance(task, str) or not task:
     raise ValueError(f"task must be a non-empty string, got {_show(task)}")
-  _text("task", task)
+  _column_text("task", task)
   status = row.get("status", "completed")
   if status is None:
     status = "completed"
@@ -388,7 +374,7 @@ def _validate_row(row: dict) -> dict:
   if run_key is not None:
     if not isinstance(run_key, str) or not run_key:
       raise ValueError(f"run_key must be a non-empty string or null, got {_show(run_key)}")
-    _text("run_key", run_key)
+    _column_text("run_key", run_key)
   versions = row.get("versions")
   if versions is None:
     versions = software_versions()
@@ -425,231 +411,121 @@ def _from_sql(values: tuple) -> Run:
 # ----------------------------------------------------------------------------- the store
 
 _INSERT = (f"INSERT INTO runs ({', '.join(_COLUMNS[1:])}) "
-           f"VALUES ({', '.join('?' * (len(_COLUMNS) - 1))})")
+           f"VALUES ({', '.join('?' * (len(_COLUMNS) - 1))}) ON CONFLICT (run_key) DO NOTHING")
 
 
 def _guarded(method):
-  """A public method of an open store, sqlite3 errors turned into one-line ValueErrors."""
+  """A public method of an open store, database errors turned into one-line ValueErrors."""
   @functools.wraps(method)
   def run(self, *args, **kwargs):
-    self._conn()  # a closed store says so instead of failing on None
+    backend = self._conn()  # a closed store says so instead of failing on None
     try:
       return method(self, *args, **kwargs)
-    except sqlite3.Error as e:
-      raise self._error(e) from None
+    except backend.errors as e:
+      raise backend.error(e) from None
   return run
 
 
 class RunStore:
-  """A run store in an SQLite file.
+  """A run store in an SQLite file or a PostgreSQL database.
 
-  ``RunStore(path)`` opens the store at ``path``, creating it when the path does
-  not exist yet or is an empty (0-byte) file. ``RunStore(path, create=False)``
-  opens a store that must exist already (for readers): FileNotFoundError if
-  there is no file, ValueError if it is empty.
+  ``RunStore(path)`` opens the store at ``path``, a file path or ``sqlite:///PATH``
+  (created when the path does not exist yet or is an empty, 0-byte file), or
+  ``postgresql://USER:PASSWORD@HOST:PORT/DATABASE`` (the tables are created in an
+  existing database; a server that cannot be reached is retried for a few seconds,
+  then ConnectionError names its host and port). ``RunStore(path, create=False)``
+  opens a store that must exist already (for readers): FileNotFoundError if there
+  is no file (or database), ValueError if it is empty.
 
-  Opening raises ValueError if the file is not a run store, was written by a newer
-  schema version, or is too damaged to read; every refused file is left untouched.
-  A file that ``PRAGMA quick_check`` finds damaged but that still opens is opened
-  read-only (``damaged`` holds the finding, a RuntimeWarning says so): writing
-  raises ValueError. A folder or file this user may not write raises
+  Opening raises ValueError if the file or database is not a run store, was written
+  by a newer schema version, or is too damaged to read; every refused one is left
+  untouched. An SQLite file that ``PRAGMA quick_check`` finds damaged but that still
+  opens is opened read-only (``damaged`` holds the finding, a RuntimeWarning says
+  so): writing raises ValueError. A folder or file this user may not write raises
   StoreAccessError (a PermissionError and a ValueError). Every method of a closed
   store raises ValueError. Use as a context manager or ``close()``.
   """
 
   def __init__(self, path: Union[str, os.PathLike], *, create: bool = True):
-    self._db: Optional[sqlite3.Connection] = None
-    self.path = pathlib.Path(path)
+    self._db = None
     self.damaged: Optional[str] = None  # what quick_check found; the store is then read-only
     if not isinstance(create, bool):
       raise ValueError(f"create must be True or False, got {_show(create)}")
-    name = str(self.path)
-    size = self._size()
-    if size is None:
-      if not create:
-        raise FileNotFoundError(f"no run store at {name!r}")
-      if not self.path.parent.is_dir():
-        raise FileNotFoundError(f"folder {str(self.path.parent)!r} of run store does not exist")
-    elif size == 0:
-      if not create:
-        raise ValueError(f"{name!r} is empty (0 bytes), not a run store; it was left untouched")
-    else:
-      self._check_header()
-    existed = bool(size)
+    target = db_lib.parse_target(path)
+    self.kind = target.kind     # "sqlite" or "postgresql"
+    self.url = target.url       # what opens this store again, e.g. in a worker process
+    self.name = target.name     # what messages show (the URL without its password)
+    self.path = target.path     # the SQLite file (None for a database server)
+    backend = db_lib.connect(target, create=create)
     try:
-      # Autocommit mode: transactions are explicit BEGIN IMMEDIATE ... COMMIT. An
-      # existing file is opened with mode=rw so that SQLite never creates one.
-      target = self.path.absolute().as_uri() + "?mode=rw" if existed or not create else name
-      self._db = sqlite3.connect(target, uri=target != name, timeout=BUSY_TIMEOUT_MS / 1000,
-                                 isolation_level=None, check_same_thread=False)
-      self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-      # Reading only until the file is known to be a healthy run store.
-      if not self._check_foreign() and not create:
-        raise ValueError(f"{name!r} is an empty SQLite database, not a run store; it was "
-                         "left untouched")
-      if existed:
-        self._check_health()
+      # Reading only until the database is known to be a healthy run store.
+      if not self._check_foreign(backend) and not create:
+        raise ValueError(backend.empty_message)
+      self.damaged = backend.check_health()
       if self.damaged is not None:
-        self._db.execute("PRAGMA query_only = ON")
-        warnings.warn(f"run store {name!r} is damaged ({self.damaged}); opened read-only",
+        backend.read_only()
+        self._db = backend
+        warnings.warn(f"run store {self.name!r} is damaged ({self.damaged}); opened read-only",
                       RuntimeWarning, stacklevel=2)
         return
-      self._retry(lambda: self._db.execute("PRAGMA journal_mode = WAL"))
-      self._db.execute("PRAGMA synchronous = NORMAL")
-      with self._transaction():
-        self._create_or_check()
-    except sqlite3.Error as e:
-      self.close()
-      raise self._error(e, opening=True) from None
+      backend.prepare_writes()
+      with backend.transaction():
+        self._create_or_check(backend)
+    except backend.errors as e:
+      backend.close()
+      raise backend.error(e, opening=True) from None
     except BaseException:
-      self.close()
+      backend.close()
       raise
+    self._db = backend
 
   # -- opening
 
-  def _size(self) -> Optional[int]:
-    """The file's size in bytes, None if there is none; one-line errors for the rest."""
-    name = str(self.path)
-    try:
-      st = self.path.stat()
-    except FileNotFoundError:
-      return None
-    except NotADirectoryError:
-      raise FileNotFoundError(f"folder {str(self.path.parent)!r} of run store is not a "
-                              "folder") from None
-    except PermissionError:
-      raise StoreAccessError(f"cannot open run store {name!r}: permission denied on its "
-                             "folder") from None
-    except OSError as e:
-      raise ValueError(f"cannot open run store {name!r}: {e.strerror}") from None
-    except ValueError as e:  # e.g. an embedded null byte
-      raise ValueError(f"run store path {name!r} is not a valid path: {e}") from None
-    if stat.S_ISDIR(st.st_mode):
-      raise ValueError(f"run store path {name!r} is a directory; pass a file path")
-    return st.st_size
-
-  def _check_header(self) -> None:
-    name = str(self.path)
-    try:
-      with open(self.path, "rb") as f:
-        header = f.read(len(_SQLITE_HEADER))
-    except PermissionError:
-      raise StoreAccessError(f"cannot read run store {name!r}: permission denied") from None
-    except OSError as e:
-      raise ValueError(f"cannot read run store {name!r}: {e.strerror}") from None
-    if header != _SQLITE_HEADER:
-      raise ValueError(f"{name!r} is not a metaopt run store (not an SQLite file)")
-
-  def _check_health(self) -> None:
-    """PRAGMA quick_check: a finding makes the store read-only (an error reading raises)."""
-    found = [r[0] for r in self._db.execute("PRAGMA quick_check(1)").fetchall()]
-    if found != ["ok"]:
-      lines = [line for text in found for line in str(text).splitlines()
-               if line.strip() and not line.startswith("***")]
-      self.damaged = "; ".join(lines) or "quick_check failed"
-
-  def _error(self, e: sqlite3.Error, *, opening: bool = False) -> Exception:
-    """A one-line error naming the store for an sqlite3 error."""
-    name = str(self.path)
-    code = getattr(e, "sqlite_errorname", "") or ""
-    if code.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
-      if opening:
-        return ValueError(f"{name!r} is damaged: {e}; it was left untouched")
-      return ValueError(f"run store {name!r} is damaged: {e}")
-    if code.startswith(("SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_PERM", "SQLITE_AUTH")):
-      folder = self.path.parent
-      if not os.access(folder, os.W_OK | os.X_OK):
-        return StoreAccessError(f"cannot write run store {name!r}: folder {str(folder)!r} is "
-                                "not writable (SQLite keeps -wal and -shm files next to the "
-                                "store)")
-      if self.path.exists() and not os.access(self.path, os.R_OK | os.W_OK):
-        return StoreAccessError(f"cannot write run store {name!r}: the file is read-only for "
-                                "this user")
-      return ValueError(f"cannot open run store {name!r}: {e}")
-    if code.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
-      return ValueError(f"run store {name!r} stayed locked by another process for "
-                        f"{BUSY_TIMEOUT_MS // 1000} s ({e})")
-    return ValueError(f"run store {name!r}: {e}")
-
-  def _tables(self) -> set[str]:
-    rows = self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
-    return {r[0] for r in rows}
-
-  def _marker(self) -> dict[str, str]:
-    return dict(self._conn().execute("SELECT key, value FROM meta").fetchall())
-
-  def _check_foreign(self) -> set[str]:
-    """Refuse an SQLite file of another program before changing anything in it; the
-    tables of the file (none for a new store)."""
-    tables = self._tables()
+  def _check_foreign(self, backend) -> set[str]:
+    """Refuse a database of another program before changing anything in it; the
+    tables of the database (none for a new store)."""
+    tables = backend.tables()
     if not tables:
       return tables
     if "meta" not in tables:
-      raise ValueError(f"{str(self.path)!r} is an SQLite database but not a metaopt run store "
+      raise ValueError(f"{self.name!r} is {backend.label} but not a metaopt run store "
                        f"(no meta table; tables: {', '.join(sorted(tables))})")
-    self._check_marker(self._marker())
+    self._check_marker(backend, dict(backend.execute("SELECT key, value FROM meta").fetchall()))
     return tables
 
-  def _check_marker(self, meta: dict[str, str]) -> None:
+  def _check_marker(self, backend, meta: dict[str, str]) -> None:
     if meta.get("format") != FORMAT:
-      raise ValueError(f"{str(self.path)!r} is an SQLite database but not a metaopt run store "
+      raise ValueError(f"{self.name!r} is {backend.label} but not a metaopt run store "
                        f"(format marker {meta.get('format')!r}, expected {FORMAT!r})")
     try:
       version = int(meta.get("schema_version", ""))
     except ValueError:
-      raise ValueError(f"{str(self.path)!r}: unreadable schema_version "
+      raise ValueError(f"{self.name!r}: unreadable schema_version "
                        f"{meta.get('schema_version')!r}") from None
     if version > SCHEMA_VERSION:
-      raise ValueError(f"{str(self.path)!r} has run store schema version {version}, newer than "
+      raise ValueError(f"{self.name!r} has run store schema version {version}, newer than "
                        f"version {SCHEMA_VERSION} that this metaopt reads; upgrade metaopt")
 
-  def _create_or_check(self) -> None:
-    tables = self._tables()
-    if not tables:
-      for statement in _SCHEMA.split(";"):
-        if statement.strip():
-          self._db.execute(statement)
-      self._db.executemany("INSERT INTO meta (key, value) VALUES (?, ?)",
-                           [("format", FORMAT), ("schema_version", str(SCHEMA_VERSION)),
-                            ("created", _now())])
+  def _create_or_check(self, backend) -> None:
+    backend.lock_schema()
+    if not backend.tables():
+      for statement in backend.schema:
+        backend.execute(statement)
+      backend.executemany("INSERT INTO meta (key, value) VALUES (?, ?)",
+                          [("format", FORMAT), ("schema_version", str(SCHEMA_VERSION)),
+                           ("created", _now())])
     else:  # another process may have created it between the check and the lock
-      self._check_foreign()
+      self._check_foreign(backend)
 
-  def _retry(self, fn, attempts: int = 200):
-    for i in range(attempts):
-      try:
-        return fn()
-      except sqlite3.OperationalError as e:
-        if "locked" not in str(e) and "busy" not in str(e) or i == attempts - 1:
-          raise
-        time.sleep(0.05)
+  def _marker(self) -> dict[str, str]:
+    return dict(self._conn().execute("SELECT key, value FROM meta").fetchall())
 
-  class _Tx:
-    def __init__(self, store):
-      self.store = store
-
-    def __enter__(self):
-      db = self.store._conn()
-      self.store._retry(lambda: db.execute("BEGIN IMMEDIATE"))
-      return db
-
-    def __exit__(self, exc_type, exc, tb):
-      db = self.store._conn()
-      if exc_type is None:
-        self.store._retry(lambda: db.execute("COMMIT"))
-      elif db.in_transaction:
-        try:
-          db.execute("ROLLBACK")
-        except sqlite3.Error:
-          pass  # the original error says more; SQLite rolls back on close anyway
-      return False
-
-  def _transaction(self) -> "RunStore._Tx":
-    return RunStore._Tx(self)
+  def _transaction(self):
+    return self._conn().transaction()
 
   def _writable(self) -> None:
     if self.damaged is not None:
-      raise ValueError(f"run store {str(self.path)!r} is damaged ({self.damaged}) and was "
+      raise ValueError(f"run store {self.name!r} is damaged ({self.damaged}) and was "
                        "opened read-only; nothing was written (export_jsonl what is readable "
                        "and import it into a new store)")
 
@@ -668,11 +544,11 @@ class RunStore:
     self.close()
 
   def __repr__(self) -> str:
-    return f"RunStore({str(self.path)!r})"
+    return f"RunStore({self.name!r})"
 
-  def _conn(self) -> sqlite3.Connection:
+  def _conn(self):
     if self._db is None:
-      raise ValueError(f"run store {str(self.path)!r} is closed")
+      raise ValueError(f"run store {self.name!r} is closed")
     return self._db
 
   # -- writing
@@ -711,16 +587,14 @@ class RunStore:
     return self._insert(checked, skip_stored=on_conflict == "skip")
 
   def _insert(self, rows: list[dict], skip_stored: bool = False) -> list[int]:
-    sql = _INSERT + (" ON CONFLICT (run_key) DO NOTHING" if skip_stored else "")
     ids = []
     with self._transaction() as db:
       for row in rows:
-        try:
-          cursor = db.execute(sql, _to_sql(row))
-        except sqlite3.IntegrityError:
-          raise ValueError(f"run_key {row['run_key']!r} is already in the store") from None
-        if cursor.rowcount == 1:
-          ids.append(cursor.lastrowid)
+        run_id = db.insert(_INSERT, _to_sql(row))
+        if run_id is not None:
+          ids.append(run_id)
+        elif not skip_stored:  # raised inside the transaction: nothing is written
+          raise ValueError(f"run_key {row['run_key']!r} is already in the store")
     return ids
 
   # -- reading
@@ -732,7 +606,7 @@ class RunStore:
       try:
         yield _from_sql(values)
       except (ValueError, TypeError, KeyError, RecursionError) as e:
-        warnings.warn(f"run store {str(self.path)!r}: skipping corrupt run id {values[0]}: {e}",
+        warnings.warn(f"run store {self.name!r}: skipping corrupt run id {values[0]}: {e}",
                       RuntimeWarning, stacklevel=3)
 
   @_guarded
@@ -789,13 +663,13 @@ class RunStore:
         try:
           checked = validate_row({k: v for k, v in row.items() if k != "id"}
                                  if isinstance(row, dict) else row)
-          db.execute(_INSERT, _to_sql(checked))
-          imported += 1
         except ValueError as e:
           rejected.append((line, str(e)))
-        except sqlite3.IntegrityError:
-          key = _show(row.get("run_key"))
-          rejected.append((line, f"run_key {key} is already in the store"))
+          continue
+        if db.insert(_INSERT, _to_sql(checked)) is None:
+          rejected.append((line, f"run_key {_show(checked['run_key'])} is already in the store"))
+        else:
+          imported += 1
     return ImportReport(imported, rejected)
 
   @_guarded
@@ -865,6 +739,116 @@ class RunStore:
       with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
         yield from _csv_rows(_Lines(f))
     return self._import(rows())
+
+
+# ----------------------------------------------------------------------------- claims
+
+# A claim is free, or stale (not renewed for the timeout), and its run is not stored yet.
+_CLAIMABLE = ("(c.worker IS NULL OR c.claimed_at < now() - make_interval(secs => ?)) "
+              "AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.run_key = c.run_key)")
+_UNFINISHED = "NOT EXISTS (SELECT 1 FROM runs r WHERE r.run_key = c.run_key)"
+
+
+class Claims:
+  """The runs of a sweep that workers on many hosts claim from a PostgreSQL run store,
+  so that each run is trained once.
+
+  ``plan`` records the sweep's runs as (run_key, unit, trial), a unit being the runs
+  that share one compiled program. ``take`` claims unfinished runs of one unit for
+  this worker with ``SELECT ... FOR UPDATE SKIP LOCKED``: two workers never get the
+  same run. A live worker renews its claims (``renew``, from a heartbeat); a claim not
+  renewed for ``timeout`` seconds is stale and goes to the next worker that asks, which
+  is how the runs of a killed worker get trained. Times are the server's ``now()``, so
+  the hosts' clocks do not matter. A run is finished once its row is in ``runs``.
+  """
+
+  def __init__(self, store: RunStore, worker: str, timeout: float):
+    if store.kind != "postgresql":
+      raise ValueError(f"claims need a PostgreSQL run store, got {store.name!r}")
+    self.store, self.worker, self.timeout = store, worker, float(timeout)
+
+  def _run(self, fn):
+    backend = self.store._conn()
+    try:
+      return fn(backend)
+    except backend.errors as e:
+      raise backend.error(e) from None
+
+  def plan(self, items: Iterable[tuple[str, str, int]]) -> None:
+    """Record (run_key, unit, trial) of runs to train; runs already planned stay as they are."""
+    items = list(items)
+
+    def plan(db):
+      with db.transaction():
+        db.executemany("INSERT INTO claims (run_key, unit, trial) VALUES (?, ?, ?) "
+                       "ON CONFLICT (run_key) DO NOTHING", items)
+    if items:
+      self._run(plan)
+
+  def take(self, units: list[str], limit: int) -> tuple[Optional[str], list[tuple[str, int]]]:
+    """Claim up to ``limit`` claimable runs of one of ``units``: (unit, [(run_key,
+    trial), ...]), or (None, []) when no run of these units is free or stale."""
+    def take(db):
+      with db.transaction():
+        # Each worker walks the units in an order of its own, so that workers starting
+        # together take different units.
+        row = db.execute(f"SELECT c.unit FROM claims c WHERE c.unit = ANY(?) AND {_CLAIMABLE} "
+                         "ORDER BY md5(c.unit || ?), c.trial LIMIT 1 FOR UPDATE OF c SKIP LOCKED",
+                         (units, self.timeout, self.worker)).fetchone()
+        if row is None:
+          return None, []
+        got = db.execute(f"SELECT c.run_key, c.trial FROM claims c WHERE c.unit = ? AND "
+                         f"{_CLAIMABLE} ORDER BY c.trial LIMIT ? FOR UPDATE OF c SKIP LOCKED",
+                         (row[0], self.timeout, limit)).fetchall()
+        db.execute("UPDATE claims SET worker = ?, claimed_at = now() WHERE run_key = ANY(?)",
+                   (self.worker, [k for k, _ in got]))
+        return row[0], [(k, int(t)) for k, t in got]
+    return self._run(take)
+
+  # The statements below lock claim rows in run_key order (SELECT ... ORDER BY run_key
+  # FOR UPDATE) before changing them, so that a heartbeat, a worker finishing a unit and
+  # another one cleaning up never wait for each other in a cycle (a deadlock).
+
+  def renew(self) -> int:
+    """Mark this worker's claims as alive now; how many it holds."""
+    return self._run(lambda db: db.execute(
+        "UPDATE claims SET claimed_at = now() WHERE run_key IN (SELECT run_key FROM claims "
+        "WHERE worker = ? ORDER BY run_key FOR UPDATE)", (self.worker,)).rowcount)
+
+  def finish(self, run_keys: list[str]) -> None:
+    """Drop the claims of runs now stored; the others (none, unless training failed) are
+    freed for another worker."""
+    def finish(db):
+      with db.transaction():
+        db.execute("SELECT 1 FROM claims WHERE run_key = ANY(?) ORDER BY run_key FOR UPDATE",
+                   (run_keys,))
+        db.execute(f"DELETE FROM claims c WHERE c.run_key = ANY(?) AND NOT {_UNFINISHED}",
+                   (run_keys,))
+        db.execute("UPDATE claims SET worker = NULL, claimed_at = NULL "
+                   "WHERE run_key = ANY(?) AND worker = ?", (run_keys, self.worker))
+    if run_keys:
+      self._run(finish)
+
+  def release(self) -> None:
+    """Free every claim of this worker at once (it stops early), so that other workers
+    need not wait for the timeout."""
+    self._run(lambda db: db.execute(
+        "UPDATE claims SET worker = NULL, claimed_at = NULL WHERE run_key IN (SELECT run_key "
+        "FROM claims WHERE worker = ? ORDER BY run_key FOR UPDATE)", (self.worker,)))
+
+  def forget_finished(self, units: list[str]) -> None:
+    """Drop the claims of stored runs of ``units`` (e.g. left by a worker killed after
+    storing); rows another transaction holds are left for later."""
+    self._run(lambda db: db.execute(
+        f"DELETE FROM claims WHERE run_key IN (SELECT c.run_key FROM claims c WHERE "
+        f"c.unit = ANY(?) AND NOT {_UNFINISHED} ORDER BY c.run_key FOR UPDATE OF c SKIP LOCKED)",
+        (units,)))
+
+  def unfinished(self, units: list[str]) -> int:
+    """How many planned runs of ``units`` are not stored yet (claimed or not)."""
+    return self._run(lambda db: db.execute(
+        f"SELECT COUNT(*) FROM claims c WHERE c.unit = ANY(?) AND {_UNFINISHED}",
+        (units,)).fetchone()[0])
 
 
 def _json_line(raw: bytes) -> Any:

@@ -33,6 +33,14 @@ writing into the one store. The parent tears them down on an error, Ctrl-C
 parent is gone (even after a ``kill -9``), so no orphan keeps writing. Rows
 are written with ``on_conflict="skip"``: a run another process stored first is
 skipped, never an error.
+
+Many hosts. On a PostgreSQL store (``postgresql://...``) workers on any number of
+hosts run the same sweep and claim its runs instead of taking whole tasks, one unit
+(the runs of a task that share a compiled program) at a time, through the store's
+``claims`` table (:class:`metaopt.hparams.store.Claims`): no run is claimed twice, a
+worker's heartbeat keeps its claims alive, and the claims of a worker that died go to
+another one after ``claim_timeout`` seconds. Every worker returns once every run of
+the sweep is stored.
 """
 
 from __future__ import annotations
@@ -48,7 +56,9 @@ import multiprocessing
 import operator
 import os
 import queue
+import secrets
 import signal
+import socket
 import threading
 import time
 import zlib
@@ -66,11 +76,11 @@ from metaopt.hparams.features import task_features
 from metaopt.hparams.records import model_record, result_rows
 from metaopt.hparams.search import Outcome, json_key
 from metaopt.hparams.space import DEFAULT_SPACE, Space
-from metaopt.hparams.store import RunStore
+from metaopt.hparams.store import Claims, RunStore
 from metaopt.tasks import TaskConfig, make_task
 from metaopt.tasks.data import DATASETS, IMAGE_SHAPES, num_train_examples
 from metaopt.tasks.models import MODEL_KINDS
-from metaopt.validation import check_choice, check_int
+from metaopt.validation import check_choice, check_int, is_number
 
 # Hyperparameters a sweep knows how to apply, with the value used when the space lacks one.
 KNOWN_HPARAMS: dict[str, Any] = {
@@ -88,12 +98,18 @@ MAX_TRIALS = 100_000    # per task
 MAX_EPOCHS = 10_000
 GROUP_RUNS = 256        # runs trained in one compiled call at most (bounded memory)
 PARENT_POLL = 0.5       # seconds between a worker's checks that the sweep process lives
+# PostgreSQL stores: seconds after which the claims of a worker that stopped renewing
+# them (killed, or cut off from the server) go to another worker. Live workers renew
+# theirs every CLAIM_TIMEOUT / 4 s, so this bounds only how long a dead worker's runs wait.
+CLAIM_TIMEOUT = 600.0
+MAX_CLAIM_TIMEOUT = 7 * 86400.0
 
 
 class SweepReport(NamedTuple):
   """What a sweep did."""
   added: int                # runs recorded by this call
-  skipped: int              # runs already in the store (resumed, or stored meanwhile)
+  skipped: int              # runs already in the store (resumed, stored meanwhile or,
+                            # on PostgreSQL, by other workers)
   diverged: int             # of the added, non-finite loss
   failed: int               # of the added, an error during training
   tasks: int                # (dataset, model) pairs swept
@@ -463,12 +479,109 @@ def _exit_with_parent(parent: int) -> None:
   os._exit(1)
 
 
+def _report(n: int) -> None:
+  if _PROGRESS is not None:
+    _PROGRESS.put(n)
+
+
 def _worker(path: str, space: Space, dataset: str, model: str, trials: list, micro: int,
             epochs: int, seed: int) -> dict:
-  report = (lambda n: _PROGRESS.put(n)) if _PROGRESS is not None else (lambda n: None)
   with RunStore(path, create=False) as store:
     return run_task(store, space, dataset, model, trials, micro=micro, epochs=epochs,
-                    seed=seed, on_runs=report)
+                    seed=seed, on_runs=_report)
+
+
+def _claim_worker(url: str, space: Space, jobs: list, epochs: int, seed: int,
+                  claim_timeout: float) -> dict:
+  with RunStore(url, create=False) as store:
+    return claim_runs(store, space, jobs, epochs=epochs, seed=seed,
+                      claim_timeout=claim_timeout, on_runs=_report)
+
+
+def worker_id() -> str:
+  """A name for this sweep worker, unique across hosts: host, process id, random suffix."""
+  return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+class _Heartbeat:
+  """Renews a worker's claims every ``timeout / 4`` seconds from a thread with a
+  connection of its own (training holds the worker's), so that only the claims of a
+  worker that died or lost the server go stale."""
+
+  def __init__(self, url: str, worker: str, timeout: float):
+    self._url, self._worker, self._timeout = url, worker, timeout
+    self._stop = threading.Event()
+    self._thread: Optional[threading.Thread] = None
+
+  def __enter__(self) -> "_Heartbeat":
+    store = RunStore(self._url, create=False)
+    claims = Claims(store, self._worker, self._timeout)
+    self._thread = threading.Thread(target=self._beat, args=(store, claims), daemon=True,
+                                    name="metaopt-sweep-heartbeat")
+    self._thread.start()
+    return self
+
+  def _beat(self, store: RunStore, claims: Claims) -> None:
+    try:
+      while not self._stop.wait(self._timeout / 4):
+        try:
+          claims.renew()
+        except ValueError:
+          pass  # the server is gone for now: the claims go stale and are trained elsewhere
+    finally:
+      store.close()
+
+  def __exit__(self, *exc) -> None:
+    self._stop.set()
+    self._thread.join()
+
+
+def claim_runs(store: RunStore, space: Space, jobs: Sequence[tuple], *, epochs: int, seed: int,
+               claim_timeout: float = CLAIM_TIMEOUT, worker: Optional[str] = None,
+               on_runs: Callable[[int], None] = lambda n: None) -> dict[str, int]:
+  """Train the runs of ``jobs`` ((dataset, model, trials, micro) as :func:`sweep` plans
+  them) that this worker claims from a PostgreSQL ``store``, alongside any number of
+  workers on other hosts, until every run is stored; see :class:`Claims`. A unit whose
+  runs another worker holds is waited for, and taken over once its claims are older
+  than ``claim_timeout`` seconds. Returns the counts of ``COUNTS`` of this worker."""
+  worker = worker or worker_id()
+  units: dict[str, tuple] = {}
+  planned = []
+  for dataset, model, trials, micro in jobs:
+    prefix = _key_prefix(dataset, model, epochs, seed, space)
+    wanted = set(trials)
+    for i, config in enumerate(trial_configs(space, dataset, model, max(wanted) + 1, seed)):
+      if i in wanted:
+        h = resolve_hparams(config, model)
+        unit = f"{prefix[:-1]}L{h['layers']}-W{h['width']}"
+        units[unit] = (dataset, model, micro)
+        planned.append((prefix + str(i), unit, i))
+  claims = Claims(store, worker, claim_timeout)
+  claims.plan(planned)
+  names = sorted(units)
+  counts = dict.fromkeys(COUNTS, 0)
+  with _Heartbeat(store.url, worker, claim_timeout):
+    try:
+      while True:
+        unit, got = claims.take(names, GROUP_RUNS)
+        if not got:
+          if unit is None and not claims.unfinished(names):
+            break
+          if unit is None:  # the rest is claimed: wait for it, or for its claims to go stale
+            time.sleep(min(5.0, claim_timeout / 4))
+          continue
+        dataset, model, micro = units[unit]
+        c = run_task(store, space, dataset, model, [t for _, t in got], micro=micro,
+                     epochs=epochs, seed=seed, on_runs=on_runs)
+        claims.finish([k for k, _ in got])
+        counts = {k: counts[k] + c[k] for k in counts}
+    finally:
+      try:
+        claims.release()  # stopped early (an error, Ctrl-C): others need not wait
+      except ValueError:
+        pass  # the server is gone: the claims go stale after the timeout instead
+  claims.forget_finished(names)
+  return counts
 
 
 def _plan(space: Space, dataset: str, model: str, *, trials: int, epochs: int, seed: int,
@@ -491,13 +604,17 @@ def _plan(space: Space, dataset: str, model: str, *, trials: int, epochs: int, s
 def sweep(store: Union[RunStore, str, os.PathLike], *, datasets: Optional[Sequence[str]] = None,
           models: Optional[Sequence[str]] = None, space: Space = DEFAULT_SPACE,
           trials_per_task: int = 30, epochs: int = 5, seed: int = 0, workers: int = 1,
-          progress: bool = True) -> SweepReport:
+          progress: bool = True, claim_timeout: float = CLAIM_TIMEOUT) -> SweepReport:
   """Train ``trials_per_task`` configurations from ``space`` on every (dataset, model) pair
-  (all datasets and model families by default; cnn only on image datasets) into ``store``.
+  (all datasets and model families by default; cnn only on image datasets) into ``store``
+  (a RunStore, a path, or a database URL).
 
   Runs already in the store (same run_key) are skipped. ``workers > 1`` trains
-  tasks in that many spawned processes writing into the same store file.
-  ``trials_per_task`` is at most ``MAX_TRIALS``, ``epochs`` at most ``MAX_EPOCHS``.
+  tasks in that many spawned processes writing into the same store.
+  On a PostgreSQL store, workers of this call and of the same sweep on other hosts
+  claim runs (:func:`claim_runs`); the claims of a worker that died go to another one
+  after ``claim_timeout`` seconds. ``trials_per_task`` is at most ``MAX_TRIALS``,
+  ``epochs`` at most ``MAX_EPOCHS``.
   """
   start = time.perf_counter()
   datasets = tuple(DATASETS if datasets is None else datasets)
@@ -508,6 +625,10 @@ def sweep(store: Union[RunStore, str, os.PathLike], *, datasets: Optional[Sequen
   check_int("trials_per_task", trials_per_task, high=MAX_TRIALS)
   check_int("epochs", epochs, high=MAX_EPOCHS)
   check_int("workers", workers)
+  if (not is_number(claim_timeout) or isinstance(claim_timeout, bool)
+      or not 0 < claim_timeout <= MAX_CLAIM_TIMEOUT):
+    raise ValueError(f"claim_timeout must be a number of seconds in (0, {MAX_CLAIM_TIMEOUT:g}], "
+                     f"got {claim_timeout!r}")
   if not isinstance(space, Space):
     raise ValueError(f"space must be a metaopt.hparams.Space, got {type(space).__name__}")
   check_space(space)
@@ -524,16 +645,27 @@ def sweep(store: Union[RunStore, str, os.PathLike], *, datasets: Optional[Sequen
       if todo:
         jobs.append((dataset, model, todo, micro))
     counts = dict.fromkeys(COUNTS, 0)
+    claiming = store.kind == "postgresql"
     with tqdm(total=sum(len(j[2]) for j in jobs), desc="sweep runs", unit="run",
               disable=not progress) as bar:
-      if workers == 1 or len(jobs) <= 1:
+      if claiming and jobs and workers == 1:
+        counts = claim_runs(store, space, jobs, epochs=epochs, seed=seed,
+                            claim_timeout=claim_timeout, on_runs=bar.update)
+      elif claiming and jobs:
+        calls = [(_claim_worker, (store.url, space, jobs, epochs, seed, claim_timeout))] * workers
+        counts = _parallel(calls, workers, bar, counts)
+      elif workers == 1 or len(jobs) <= 1:
         for dataset, model, todo, micro in jobs:
           bar.set_postfix_str(f"{dataset}/{model}")
           c = run_task(store, space, dataset, model, todo, micro=micro, epochs=epochs,
                        seed=seed, on_runs=bar.update)
           counts = {k: counts[k] + c[k] for k in counts}
       else:
-        counts = _parallel(store.path, space, jobs, epochs, seed, workers, bar, counts)
+        calls = [(_worker, (store.url, space, dataset, model, todo, micro, epochs, seed))
+                 for dataset, model, todo, micro in jobs]
+        counts = _parallel(calls, min(workers, len(jobs)), bar, counts)
+    if claiming:  # every run is stored now: those this call did not add were skipped
+      skipped, counts["skipped"] = trials_per_task * len(valid) - counts["added"], 0
     return SweepReport(counts["added"], skipped + counts["skipped"], counts["diverged"],
                        counts["failed"], len(valid), invalid, time.perf_counter() - start)
   finally:
@@ -590,20 +722,21 @@ def _tear_down(pool: concurrent.futures.ProcessPoolExecutor, futures) -> None:
       p.kill()
 
 
-def _parallel(path, space, jobs, epochs, seed, workers, bar, counts) -> dict:
+def _parallel(calls: list, processes: int, bar, counts) -> dict:
+  """Runs ``calls`` ((function, args) pairs returning counts) in ``processes`` spawned
+  worker processes, adding up their counts."""
   ctx = multiprocessing.get_context("spawn")
   cache_dir = jax.config.jax_compilation_cache_dir
   # A queue of the parent's, not a Manager's: a manager is a server process of its own
   # that outlived a killed sweep.
   progress = ctx.Queue()
   pool = concurrent.futures.ProcessPoolExecutor(
-      max_workers=min(workers, len(jobs)), mp_context=ctx, initializer=_worker_init,
+      max_workers=processes, mp_context=ctx, initializer=_worker_init,
       initargs=(cache_dir, os.getpid(), progress))
   futures, finished = [], False
   try:
     with _sigterm_raises():
-      futures = [pool.submit(_worker, str(path), space, dataset, model, todo, micro, epochs,
-                             seed) for dataset, model, todo, micro in jobs]
+      futures = [pool.submit(fn, *args) for fn, args in calls]
       pending = set(futures)
       while pending:
         _drain(progress, bar, timeout=0.5)

