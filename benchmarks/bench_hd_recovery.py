@@ -4,12 +4,18 @@ For every offline dataset of the adaptive-lr experiment (its protocol: MLP 64x2,
 32, 50 epochs, validation every epoch, early stopping after 10 epochs without a 1%
 improvement, 3 seeds), Adam-HD starts from 10x and 0.1x the tuned constant Adam LR
 (tuned over 3e-4, 1e-3, 3e-3 on validation accuracy). Rules: the paper's additive
-update at its default beta, and the normalized multiplicative rule at several betas.
+update at its default beta, the normalized multiplicative rule at several betas, and
+the variants of ``hypergradient_adam`` (``per_layer``: one LR per parameter leaf;
+``normalized``: an Adam-normalized step on log LR) at two betas each.
 A rule is chosen on the mean *validation* accuracy over datasets and starts (never
 on test); the target is a final test accuracy within 2% (relative) of the tuned
 constant's, on every start.
 
-    .venv/bin/python benchmarks/bench_hd_recovery.py [--quick]
+    .venv/bin/python benchmarks/bench_hd_recovery.py [--quick] [--datasets a,b]
+
+Each dataset's rows are written to results/benchmarks/hd_recovery/<dataset>.json as soon as
+they are done (so datasets can run in separate processes with ``--datasets``); the table and
+the choice of rule cover every dataset whose file is there, and name the missing ones.
 """
 
 from __future__ import annotations
@@ -30,17 +36,31 @@ from metaopt.train import steps_per_epoch, train_grid
 RULES = {"additive, beta 1e-7 (paper)": dict(beta=1e-7),
          "multiplicative, beta 0.01": dict(beta=0.01, multiplicative=True),
          "multiplicative, beta 0.03": dict(beta=0.03, multiplicative=True),
-         "multiplicative, beta 0.1": dict(beta=0.1, multiplicative=True)}
+         "multiplicative, beta 0.1": dict(beta=0.1, multiplicative=True),
+         "per-layer multiplicative, beta 0.1": dict(beta=0.1, multiplicative=True,
+                                                    per_layer=True),
+         "normalized, beta 0.03": dict(beta=0.03, normalized=True),
+         "normalized, beta 0.1": dict(beta=0.1, normalized=True),
+         "per-layer normalized, beta 0.03": dict(beta=0.03, normalized=True, per_layer=True),
+         "per-layer normalized, beta 0.1": dict(beta=0.1, normalized=True, per_layer=True)}
 FACTORS = (10.0, 0.1)
 
 
 def main():
-  args = common.parse_args(__doc__.splitlines()[0])
+  args = common.parse_args(__doc__.splitlines()[0], lambda p: p.add_argument(
+      "--datasets", default=None, help="comma-separated datasets to run (default: all)"))
   config = adaptive_lr.default_config(0)
-  datasets = ("iris", "wine") if args.quick else config.datasets
+  all_datasets = ("iris", "wine") if args.quick else config.datasets
+  datasets = all_datasets if args.datasets is None else tuple(
+      d for d in args.datasets.split(",") if d)  # --datasets "": only rebuild the table
+  unknown = sorted(set(datasets) - set(all_datasets))
+  if unknown:
+    raise SystemExit(f"--datasets: unknown {unknown}; accepted: {', '.join(all_datasets)}")
   epochs, seeds = (3, 1) if args.quick else (config.epochs, config.seeds)
-  rows = []
+  folder = common.RESULTS_DIR / f"hd_recovery{'.quick' if args.quick else ''}"
+  folder.mkdir(parents=True, exist_ok=True)
   for dataset in datasets:
+    rows = []
     probe = make_task(TaskConfig(dataset, "mlp", config.width, config.depth, config.batch_size,
                                  1, config.seed))
     every = steps_per_epoch(probe)
@@ -71,6 +91,15 @@ def main():
                          final_lr=float(np.nanmean(res.learning_rate[part, -1]))))
       print(dataset, rule, [(r["start"], round(r["test"], 4), r["passed"]) for r in rows[-2:]],
             "tuned", round(tuned_test, 4), flush=True)
+    (folder / f"{dataset}.json").write_text(json.dumps(dict(
+        rows=rows, environment=common.environment()), indent=1))
+  rows, missing = [], []
+  for dataset in all_datasets:
+    path = folder / f"{dataset}.json"
+    if path.exists():
+      rows += [r for r in json.loads(path.read_text())["rows"] if r["rule"] in RULES]
+    else:
+      missing.append(dataset)
   by_rule = {}
   for rule in RULES:
     mine = [r for r in rows if r["rule"] == rule]
@@ -81,9 +110,22 @@ def main():
   for rule, s in by_rule.items():
     print(f"| {rule}{' (chosen on validation)' if rule == chosen else ''} | "
           f"{s['mean_val']:.4f} | {s['passed']} of {s['starts']} |")
+  if missing:
+    print(f"not yet run (no file in {folder}): {', '.join(missing)}")
+  print("\n| dataset | tuned LR | tuned test | start | " + " | ".join(RULES) + " |")
+  print("|---" * (4 + len(RULES)) + "|")
+  for dataset in all_datasets:
+    for f in FACTORS:
+      mine = {r["rule"]: r for r in rows if r["dataset"] == dataset and r["start"] == f"{f:g}x"}
+      if mine:
+        first = next(iter(mine.values()))
+        cells = [f"{mine[k]['test']:.4f} {'pass' if mine[k]['passed'] else '**fail**'}"
+                 if k in mine else "–" for k in RULES]
+        print(f"| {dataset} | {first['tuned_lr']:g} | {first['tuned_test']:.4f} | {f:g}x | "
+              + " | ".join(cells) + " |")
   path = common.RESULTS_DIR / f"hd_recovery{'.quick' if args.quick else ''}.json"
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(dict(rows=rows, by_rule=by_rule, chosen=chosen), indent=1))
+  path.write_text(json.dumps(dict(rows=rows, by_rule=by_rule, chosen=chosen, missing=missing,
+                                  environment=common.environment()), indent=1))
   print(f"wrote {path}")
 
 

@@ -31,6 +31,8 @@ REGISTRY: dict[str, Entry] = {
                                                     "and TPE, leave one dataset out"),
     "maml-transfer": Entry("maml_transfer", "MAML initialization vs random init and joint "
                                             "pre-training on unseen datasets"),
+    "controllers": Entry("controllers", "LR controllers learned by TBPTT, PES, a supervised "
+                                        "meta-dataset and RL vs hand schedules"),
 }
 
 

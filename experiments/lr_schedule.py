@@ -58,21 +58,27 @@ class Config:
   store: Optional[str] = None     # run store (SQLite file) recording every evaluation run
 
   def __post_init__(self):
-    for name in ("seeds", "evals"):
-      check_int(name, getattr(self, name))
-    if not self.lrs:
-      raise ValueError("lrs must hold at least one learning rate")
-    for lr in self.lrs:
-      check_positive("lrs", lr)
-    for name in self.self_tuning:
-      check_choice("self-tuning optimizer", name, SELF_TUNING)
-    if not self.heldout:
-      raise ValueError("heldout must hold at least one task")
-    for task in self.heldout:
-      check_task_config(task)
-      if task.total_steps % self.evals:
-        raise ValueError(f"held-out task {task.name}: total_steps={task.total_steps} is not a "
-                         f"multiple of evals={self.evals}")
+    check_evaluation(self)
+
+
+def check_evaluation(config) -> None:
+  """Checks the evaluation fields an experiment on the held-out tasks shares with this one:
+  seeds, evals, lrs, self_tuning, heldout."""
+  for name in ("seeds", "evals"):
+    check_int(name, getattr(config, name))
+  if not config.lrs:
+    raise ValueError("lrs must hold at least one learning rate")
+  for lr in config.lrs:
+    check_positive("lrs", lr)
+  for name in config.self_tuning:
+    check_choice("self-tuning optimizer", name, SELF_TUNING)
+  if not config.heldout:
+    raise ValueError("heldout must hold at least one task")
+  for task in config.heldout:
+    check_task_config(task)
+    if task.total_steps % config.evals:
+      raise ValueError(f"held-out task {task.name}: total_steps={task.total_steps} is not a "
+                       f"multiple of evals={config.evals}")
 
 
 # Fields a rerun with --name may change: the run continues from its checkpoint.
@@ -325,7 +331,9 @@ def run(config: Config, out, *, progress: bool = True, store=None) -> Result:
   if config.include_pretrained and learned_lr.PRETRAINED_WEIGHTS.exists():
     shipped = learned_lr.load_controller()
     shipped_cfg = dataclasses.replace(config.meta, hidden=tuple(shipped.controller.hidden),
-                                      learning_rate=shipped.learning_rate, **shipped.settings)
+                                      learning_rate=shipped.learning_rate, **shipped.settings,
+                                      controller=learned_lr.controller_kind(shipped.controller),
+                                      update_every=shipped.update_every)
     thetas["pretrained"] = (shipped.controller, shipped.theta, shipped_cfg)
   results = {}
   start = time.perf_counter()

@@ -1,7 +1,9 @@
 """Orbax checkpoints of a loop: an array pytree plus a JSON progress record.
 
 Saves are synchronous: a step reported as saved is on disk, and a kill never loses
-more than the steps since the last checkpoint. Restore walks back from the newest
+more than the steps since the last checkpoint. Multi-host runs use orbax's own
+multi-process support: every process calls save and restore on one shared folder,
+process 0 writes the metadata and the JSON record, each process its arrays' shards. Restore walks back from the newest
 checkpoint to the newest one that restores and validates; a damaged one is moved
 aside (never deleted) with a message saying which and why.
 """
@@ -78,7 +80,10 @@ class Checkpoints:
     while target.exists():
       i += 1
       target = damaged / f"{step}-{i}"
-    (self.directory / str(step)).rename(target)
+    if jax.process_index() == 0:  # multi-host: one process moves it, the others wait
+      (self.directory / str(step)).rename(target)
+    if jax.process_count() > 1:
+      ocp.multihost.sync_global_processes(f"metaopt_set_aside_{step}")
     self.manager.reload()
     return target
 

@@ -33,6 +33,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from metaopt.sharding import Sharding, constrain, resolve
 from metaopt.unroll import InnerProblem, inner_step, unroll, with_meta_loss
 from metaopt.validation import check_choice, check_int, check_positive
 
@@ -173,16 +174,21 @@ def _where(mask: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
   return out if out.dtype == old.dtype else out.astype(old.dtype)
 
 
-def _forward(problem, thetas, states, batches, meta_batches, *, average, length, shared):
+def _forward(problem, thetas, states, batches, meta_batches, *, average, length, shared,
+             sharding=None):
   """Objective, final state and metrics of every run, vmapped over axes ``(2, pairs)``.
 
-  With ``shared`` every run starts from the one ``states``.
+  With ``shared`` every run starts from the one ``states``; with ``sharding`` the
+  pairs axis is split across devices.
   """
   def run(th, s):
     return _objective(problem, th, s, batches, meta_batches, average=average,
                       first_order=False, remat=False, length=length)
   axis = None if shared else 0
-  losses, (states, metrics) = jax.vmap(jax.vmap(run, (0, axis)), (0, axis))(thetas, states)
+  thetas = constrain(thetas, sharding, axis=1)
+  states = states if shared else constrain(states, sharding, axis=1)
+  out = jax.vmap(jax.vmap(run, (0, axis)), (0, axis))(thetas, states)
+  losses, (states, metrics) = constrain(out, sharding, axis=1)
   return losses, states, metrics
 
 
@@ -204,7 +210,8 @@ def _combine(losses: jax.Array, directions: PyTree, sigma):
 
 def es(problem: InnerProblem, theta: PyTree, state: PyTree, batches: PyTree,
        meta_batches: PyTree, *, key: jax.Array, population: int = 2, sigma=0.01,
-       average: bool = True, length: Optional[int] = None) -> Estimate:
+       average: bool = True, length: Optional[int] = None,
+       sharding: Sharding = None) -> Estimate:
   """Antithetic evolution strategies over one segment that continues ``state``.
 
   Every call draws fresh perturbations, so like :func:`tbptt` it sees only this
@@ -217,6 +224,8 @@ def es(problem: InnerProblem, theta: PyTree, state: PyTree, batches: PyTree,
     key: PRNG key of the perturbations.
     population: perturbed runs, even: ``population // 2`` pairs ``theta +- eps``.
     sigma: standard deviation of ``eps`` (positive, finite).
+    sharding: split the pairs across devices (:mod:`metaopt.sharding`); ``pairs``
+      must divide evenly over them.
 
   Returns:
     ``Estimate(meta_loss, grad, state, metrics)``: ``meta_loss`` is the mean of the
@@ -230,7 +239,8 @@ def es(problem: InnerProblem, theta: PyTree, state: PyTree, batches: PyTree,
   eps = _perturbations(theta, key, pairs, sigma)
   losses, states, metrics = _forward(problem, _antithetic(theta, eps), state, batches,
                                      meta_batches, average=average, length=length,
-                                     shared=True)
+                                     shared=True,
+                                     sharding=resolve(sharding, pairs, what="pairs"))
   loss, grad, finite = _combine(losses, eps, sigma)
   carried = jax.tree.map(lambda x: x[0, 0], states)
   return Estimate(loss, grad, carried,
@@ -292,7 +302,8 @@ def _restart(problem: InnerProblem, thetas: PyTree, state: PESState, restart: ja
 
 def pes(problem: InnerProblem, theta: PyTree, state: PESState, batches: PyTree,
         meta_batches: PyTree, *, key: jax.Array, sigma=0.01, reset: Any = None,
-        average: bool = True, length: Optional[int] = None) -> Estimate:
+        average: bool = True, length: Optional[int] = None,
+        sharding: Sharding = None) -> Estimate:
   """Persistent evolution strategies (Vicol et al., 2021) over one truncation.
 
   Each antithetic pair continues its own ``theta + eps`` and ``theta - eps`` runs
@@ -313,6 +324,7 @@ def pes(problem: InnerProblem, theta: PyTree, state: PESState, batches: PyTree,
     reset: optional boolean mask ``(pairs,)``: those pairs restart their runs now
       (:func:`pes_reset`), from ``init(theta +- eps)``, with a zero accumulator.
       Pairs restarted at different calls keep truncations unsynchronized.
+    sharding: as for :func:`es`.
 
   Returns:
     ``Estimate(meta_loss, grad, state, metrics)``: ``state`` is the next
@@ -330,7 +342,8 @@ def pes(problem: InnerProblem, theta: PyTree, state: PESState, batches: PyTree,
   particles = _restart(problem, thetas, state, restart)
   accumulator = jax.tree.map(lambda a, e: _where(restart, e, a + e), state.accumulator, eps)
   losses, particles, metrics = _forward(problem, thetas, particles, batches, meta_batches,
-                                        average=average, length=length, shared=False)
+                                        average=average, length=length, shared=False,
+                                        sharding=resolve(sharding, state.pairs, what="pairs"))
   loss, grad, finite = _combine(losses, accumulator, sigma)
   new = PESState(particles, accumulator, jnp.where(restart, 1, state.truncations + 1),
                  state.runs + restart.astype(jnp.int32), state.keys)

@@ -6,8 +6,9 @@ built inside the jitted function from ``hparams`` (e.g. a peak LR), so a grid of
 hyperparameters or seeds is one ``jax.vmap``, compiled once.
 
 Validation-driven optimizers: with ``feed_val_loss=True`` every step passes the
-latest validation loss to ``tx.update`` as ``val_loss``, with ``new_eval=True``
-on the first step after each evaluation (``False`` otherwise). When the
+latest validation loss to ``tx.update`` as ``val_loss`` (and the validation accuracy as
+``val_accuracy``), with ``new_eval=True`` on the first step after each evaluation
+(``False`` otherwise). When the
 optimizer state holds a stop signal (``plateau_lr``, ``early_stopping``), the
 loop obeys it: from the step that reads the stopping evaluation on, parameters
 and optimizer state are frozen, and ``TrainResult.stopped_at`` records that step.
@@ -15,6 +16,11 @@ and optimizer state are frozen, and ``TrainResult.stopped_at`` records that step
 Dropout: ``dropout=fn`` picks the rate from ``hparams`` (``fn(hparams)``, may be
 traced, so a grid of rates is one program); each step draws its masks from
 ``fold_in(step key, 1)``, so runs stay deterministic.
+
+Runs of different shapes in one program: ``model_args=fn`` gives keyword arguments of
+the model's call from ``hparams`` (``{"active_depth": ...}``, see
+:func:`metaopt.tasks.models.pad_depth`), and ``init=fn`` each run's initial parameters
+from ``hparams`` and its init key (zero-padded from its own shape) instead of ``task.init``.
 
 The host-side driver, :func:`run_loop`, runs any jitted chunk of steps in a
 Python loop with a progress bar, metrics as JSON Lines, orbax checkpoints and
@@ -42,12 +48,15 @@ from tqdm.auto import tqdm
 from metaopt import report
 from metaopt.checkpoint import Checkpoints
 from metaopt.schedules import current_lr, evaluation_params, has_stop_signal, should_stop
+from metaopt.sharding import Sharding, is_primary, population_map, resolve, shards
 from metaopt.unroll import unroll
 from metaopt.validation import check_int
 
 PyTree = Any
 MakeTx = Callable[[PyTree], optax.GradientTransformation]
 DropoutFn = Callable[[PyTree], jax.Array]
+ModelArgsFn = Callable[[PyTree], dict]
+InitFn = Callable[[PyTree, jax.Array], PyTree]
 
 
 class RunState(NamedTuple):
@@ -61,6 +70,7 @@ class RunState(NamedTuple):
   stopped: Any = None    # bool: early stopping has frozen the run (None: not tracked)
   stop_step: Any = None  # int32 step at which the run stopped (steps if it never did)
   model_state: Any = None  # a stateful model's state (BatchNorm statistics); None otherwise
+  val_accuracy: Any = None  # latest validation accuracy (None: not tracked)
 
 
 class TrainState(train_state.TrainState):
@@ -107,15 +117,17 @@ def steps_per_epoch(task) -> int:
 
 
 def training_step(task, tx: optax.GradientTransformation, arrays: dict, *,
-                  feed_val_loss: bool = False, dropout: Optional[DropoutFn] = None):
+                  feed_val_loss: bool = False, dropout: Optional[DropoutFn] = None,
+                  model_args: Optional[ModelArgsFn] = None):
   """``step(hparams, state, _) -> (state, metrics)``: one minibatch update.
 
-  With ``feed_val_loss``, ``tx.update`` also gets ``val_loss=state.val_loss``
-  and ``new_eval=state.new_eval``. When ``state.stopped`` is tracked and the
-  optimizer state holds a stop signal, a step that finds the signal set (or
-  starts stopped) leaves params and optimizer state unchanged (except for the
-  signal itself) and records a NaN loss. With ``dropout``, the loss drops
-  activations at rate ``dropout(hparams)``.
+  With ``feed_val_loss``, ``tx.update`` also gets ``val_loss=state.val_loss``,
+  ``val_accuracy=state.val_accuracy`` (when tracked) and ``new_eval=state.new_eval``.
+  When ``state.stopped`` is tracked and the optimizer state holds a stop signal, a
+  step that finds the signal set (or starts stopped) leaves params and optimizer state
+  unchanged (except for the signal itself) and records a NaN loss. With ``dropout``, the loss drops
+  activations at rate ``dropout(hparams)``; with ``model_args``, the model is called with
+  the keyword arguments ``model_args(hparams)``.
   """
   def step(hparams, state: RunState, _):
     step_key = jax.random.fold_in(state.key, state.step)
@@ -123,6 +135,8 @@ def training_step(task, tx: optax.GradientTransformation, arrays: dict, *,
     kw = {}
     if dropout is not None:  # hparams are otherwise already inside tx
       kw = dict(dropout_rate=dropout(hparams), key=jax.random.fold_in(step_key, 1))
+    if model_args is not None:
+      kw["model_kwargs"] = model_args(hparams)
     if state.model_state is None:
       loss, grads = jax.value_and_grad(task.loss)(state.params, batch, **kw)
       model_state = None
@@ -132,6 +146,8 @@ def training_step(task, tx: optax.GradientTransformation, arrays: dict, *,
     extra = {}
     if feed_val_loss and state.val_loss is not None:
       extra = dict(val_loss=state.val_loss, new_eval=state.new_eval)
+      if state.val_accuracy is not None:  # for controllers that read it (metaopt.meta.rl)
+        extra["val_accuracy"] = state.val_accuracy
     updates, opt_state = tx.update(grads, state.opt_state, state.params, value=loss, **extra)
     params = optax.apply_updates(state.params, updates)
     new = state._replace(params=params, opt_state=opt_state, step=state.step + 1,
@@ -153,26 +169,31 @@ def training_step(task, tx: optax.GradientTransformation, arrays: dict, *,
 
 
 def make_train_fn(task, make_tx: MakeTx, *, steps: int, eval_every: int,
-                  feed_val_loss: bool = False, dropout: Optional[DropoutFn] = None):
+                  feed_val_loss: bool = False, dropout: Optional[DropoutFn] = None,
+                  model_args: Optional[ModelArgsFn] = None, init: Optional[InitFn] = None):
   """``run(hparams, key, arrays) -> TrainResult``, pure and jit/vmap-able.
 
   ``feed_val_loss``: pass the latest validation loss to the optimizer (see the
   module docstring). Early stopping needs it to ever trigger. ``dropout``: a
-  function of ``hparams`` giving the dropout rate (None: no dropout).
+  function of ``hparams`` giving the dropout rate (None: no dropout). ``model_args``:
+  a function of ``hparams`` giving more keyword arguments of the model's call. ``init``:
+  ``init(hparams, init_key)`` gives the initial parameters (default ``task.init(init_key)``).
   """
   if steps < 1 or eval_every < 1 or steps % eval_every:
     raise ValueError(f"need steps >= 1 divisible by eval_every >= 1, got "
                      f"steps={steps}, eval_every={eval_every}")
 
-  def evaluate(params, arrays, model_state=None):
-    val = task.metrics(params, arrays["x_val"], arrays["y_val"], model_state)
-    test = task.metrics(params, arrays["x_test"], arrays["y_test"], model_state)
-    return (val["loss"], val["accuracy"], test["loss"], test["accuracy"])
-
   def run(hparams, key, arrays) -> TrainResult:
     tx = make_tx(hparams)
+    kw = {} if model_args is None else dict(model_kwargs=model_args(hparams))
+
+    def evaluate(params, arrays, model_state=None):
+      val = task.metrics(params, arrays["x_val"], arrays["y_val"], model_state, **kw)
+      test = task.metrics(params, arrays["x_test"], arrays["y_test"], model_state, **kw)
+      return (val["loss"], val["accuracy"], test["loss"], test["accuracy"])
+
     init_key, data_key = jax.random.split(key)
-    params = task.init(init_key)
+    params = task.init(init_key) if init is None else init(hparams, init_key)
     model_state = task.init_state(init_key) if task.stateful else None
     first = evaluate(params, arrays, model_state)
     # The initial evaluation is the first val_loss, but not a new one: the
@@ -180,15 +201,17 @@ def make_train_fn(task, make_tx: MakeTx, *, steps: int, eval_every: int,
     state = RunState(params, tx.init(params), data_key, jnp.zeros((), jnp.int32),
                        val_loss=first[0], new_eval=jnp.asarray(False),
                        stopped=jnp.asarray(False), stop_step=jnp.asarray(steps, jnp.int32),
-                       model_state=model_state)
-    step = training_step(task, tx, arrays, feed_val_loss=feed_val_loss, dropout=dropout)
+                       model_state=model_state, val_accuracy=first[1])
+    step = training_step(task, tx, arrays, feed_val_loss=feed_val_loss, dropout=dropout,
+                         model_args=model_args)
 
     def chunk(state, _):
       state, metrics = unroll(step, hparams, state, None, length=eval_every)
       # Schedule-free optimizers are evaluated at their averaged parameters.
       evals = evaluate(evaluation_params(state.opt_state, state.params), arrays,
                        state.model_state)
-      state = state._replace(val_loss=evals[0], new_eval=jnp.asarray(True))
+      state = state._replace(val_loss=evals[0], val_accuracy=evals[1],
+                             new_eval=jnp.asarray(True))
       return state, (metrics, evals)
 
     final, (metrics, evals) = jax.lax.scan(chunk, state, None, length=steps // eval_every)
@@ -206,8 +229,9 @@ def make_train_fn(task, make_tx: MakeTx, *, steps: int, eval_every: int,
 
 def train_grid(task, make_tx: MakeTx, hparams: PyTree, keys: jax.Array, *,
                steps: int, eval_every: int, vectorize: bool = True,
-               feed_val_loss: bool = False, dropout: Optional[DropoutFn] = None
-               ) -> tuple[TrainResult, float]:
+               feed_val_loss: bool = False, dropout: Optional[DropoutFn] = None,
+               sharding: Sharding = None, model_args: Optional[ModelArgsFn] = None,
+               init: Optional[InitFn] = None) -> tuple[TrainResult, float]:
   """Trains one run per (hparams row, key) pair in one compiled program.
 
   ``hparams`` leaves and ``keys`` share a leading axis. Runs are vmapped, or
@@ -215,11 +239,18 @@ def train_grid(task, make_tx: MakeTx, hparams: PyTree, keys: jax.Array, *,
   become grouped convolutions, which are slow on the CPU). ``feed_val_loss``,
   ``dropout``: see :func:`make_train_fn`. Returns the stacked results (as numpy)
   and the wall time of the compiled call in seconds; ``metaopt.hparams.record_runs``
-  writes them into a run store.
+  writes them into a run store. ``sharding`` splits the runs across devices
+  (:mod:`metaopt.sharding`; their number must divide evenly), one run per device at
+  a time with ``vectorize=False``. ``model_args``, ``init``: see :func:`make_train_fn`.
   """
   one = make_train_fn(task, make_tx, steps=steps, eval_every=eval_every,
-                      feed_val_loss=feed_val_loss, dropout=dropout)
-  if vectorize:
+                      feed_val_loss=feed_val_loss, dropout=dropout, model_args=model_args,
+                      init=init)
+  spec = resolve(sharding, len(keys), what="runs")
+  if spec is not None:
+    run = jax.jit(population_map(one, (0, 0, None), sharding=spec, what="runs",
+                                 chunk_size=None if vectorize else shards(spec)))
+  elif vectorize:
     run = jax.jit(jax.vmap(one, in_axes=(0, 0, None)))
   else:
     run = jax.jit(lambda h, k, a: jax.lax.map(lambda hk: one(*hk, a), (h, k)))
@@ -341,7 +372,8 @@ def run_loop(advance: Advance, state: PyTree, *, steps: int, chunk: int = 1,
       print(f"metaopt: resumed {desc} at step {start} from {directory}", flush=True)
     # Keep the lines of the steps the state has seen, and only those.
     history = [h for h in read_metrics(metrics_file) if h["step"] < start]
-    metrics_file.write_text("".join(json.dumps(h) + "\n" for h in history))
+    if is_primary():  # in a multi-host run every process holds the same rows
+      metrics_file.write_text("".join(json.dumps(h) + "\n" for h in history))
 
   end = steps if stop_after is None else min(steps, check_int("stop_after", stop_after, low=0))
   postfix = postfix or _default_postfix
@@ -355,7 +387,7 @@ def run_loop(advance: Advance, state: PyTree, *, steps: int, chunk: int = 1,
     rows = [{"step": step + i, **m} for i, m in enumerate(_per_step(metrics, n))]
     history += rows
     step += n
-    if metrics_file is not None:
+    if metrics_file is not None and is_primary():
       with metrics_file.open("a") as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows))
     if checkpoints is not None:
@@ -367,7 +399,7 @@ def run_loop(advance: Advance, state: PyTree, *, steps: int, chunk: int = 1,
   bar.close()
   if checkpoints is not None:
     checkpoints.close()
-  if directory is not None:
+  if directory is not None and is_primary():
     write_metrics(directory, history, logged_from=start)
   return LoopResult(state, record, history, start, seconds + time.perf_counter() - began)
 

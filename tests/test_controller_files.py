@@ -58,7 +58,8 @@ def test_the_shipped_controller_loads_with_its_training_settings():
 
 
 @pytest.mark.parametrize("damage, error, match", [
-    (lambda c: c.update(version=2), ValueError, "format version 2.*upgrade metaopt"),
+    (lambda c: c.update(version=learned_lr.FILE_VERSION + 1), ValueError,
+     f"format version {learned_lr.FILE_VERSION + 1}.*upgrade metaopt"),
     (lambda c: c.update(format="other"), ValueError, "not a metaopt controller file"),
     (lambda c: c.pop("settings"), ValueError, "lacks 'settings'"),
     (lambda c: c["settings"].pop("max_log_change"), ValueError, "missing \\['max_log_change'\\]"),

@@ -169,6 +169,131 @@ def test_fused_adam_lags_the_exact_rule_by_one_step(kw):
     assert lr_g.max() == pytest.approx(kw["max_lr"])  # clipping happened
 
 
+# --- the variants: normalized and per-layer -------------------------------------
+
+TWO_LEAVES = {"a": np.array([1.0, -2.0]), "b": np.array([0.5])}   # jax.tree.leaves order
+CURVATURE = {"a": np.array([1.0, 3.0]), "b": np.array([2.0])}
+
+
+def two_leaf_loss(p):
+  """0.5 sum(c x^2) + 0.1 sum(x^4): not a quadratic, so finite differences mean something."""
+  return sum(0.5 * (CURVATURE[k] * p[k] ** 2).sum() + 0.1 * (p[k] ** 4).sum() for k in p)
+
+
+def two_leaf_grad(p):
+  return {k: CURVATURE[k] * p[k] + 0.4 * p[k] ** 3 for k in p}
+
+
+def ref_adam_variant(lr0, beta, steps, *, normalized, per_layer, multiplicative,
+                     hb1=0.9, hb2=0.99, b1=0.9, b2=0.999, eps=1e-8):
+  """hypergradient_adam's variants written out in numpy: LRs and params per step."""
+  keys = sorted(TWO_LEAVES)
+  p = {k: TWO_LEAVES[k].copy() for k in keys}
+  m, v, u_prev = ({k: np.zeros_like(p[k]) for k in keys} for _ in range(3))
+  n = len(keys) if per_layer else 1
+  lrs, pending, hm, hv = np.full(n, lr0), np.zeros(n), np.zeros(n), np.zeros(n)
+  out_lrs, out_p = [], []
+  for t in range(1, steps + 1):
+    if normalized:  # the averages hold h_2 .. h_{t-1}
+      k = t - 2
+      mh, vh = (hm / (1 - hb1 ** k), hv / (1 - hb2 ** k)) if k > 0 else (hm, hv)
+      lrs = lrs * np.exp(beta * mh / np.sqrt(vh + 1e-24))
+    elif multiplicative:
+      lrs = lrs * (1 + beta * pending)
+    else:
+      lrs = lrs + beta * pending
+    lrs = np.clip(lrs, 1e-8, 1.0)
+    g = two_leaf_grad(p)
+    dot, gg, uu = (np.array([(x[k] * y[k]).sum() for k in keys])
+                   for x, y in ((g, u_prev), (g, g), (u_prev, u_prev)))
+    if not per_layer:
+      dot, gg, uu = dot.sum(keepdims=True), gg.sum(keepdims=True), uu.sum(keepdims=True)
+    h = dot / (np.sqrt(gg) * np.sqrt(uu) + 1e-12) if multiplicative else dot
+    if normalized and t > 1:
+      hm, hv = hb1 * hm + (1 - hb1) * h, hb2 * hv + (1 - hb2) * h * h
+    pending = h
+    for i, k in enumerate(keys):
+      m[k] = b1 * m[k] + (1 - b1) * g[k]
+      v[k] = b2 * v[k] + (1 - b2) * g[k] ** 2
+      u_prev[k] = (m[k] / (1 - b1 ** t)) / (np.sqrt(v[k] / (1 - b2 ** t)) + eps)
+      p[k] = p[k] - lrs[i if per_layer else 0] * u_prev[k]
+    out_lrs.append(lrs.copy())
+    out_p.append({k: p[k].copy() for k in keys})
+  return out_lrs, out_p
+
+
+ADAM_VARIANTS = {
+    "normalized": dict(beta=0.05, normalized=True),
+    "normalized_per_layer": dict(beta=0.05, normalized=True, per_layer=True),
+}
+
+
+@pytest.mark.parametrize("name", ADAM_VARIANTS)
+def test_adam_variant_matches_numpy_reference(name):
+  kw = ADAM_VARIANTS[name]
+  tx = hypergradient_adam(0.1, **kw)
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), TWO_LEAVES)
+  state = tx.init(params)
+  assert type(state).__name__ == "HypergradientAdamVariantState"
+  update = jax.jit(tx.update)
+  lrs = []
+  for _ in range(6):
+    grads = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32),
+                         two_leaf_grad(jax.tree.map(np.asarray, params)))
+    updates, state = update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    lrs.append(np.asarray(state.layer_lrs))
+  want_lrs, want_params = ref_adam_variant(
+      0.1, kw["beta"], 6, normalized=kw.get("normalized", False),
+      per_layer=kw.get("per_layer", False), multiplicative=kw.get("multiplicative", False))
+  np.testing.assert_allclose(np.stack(lrs).reshape(6, -1), np.stack(want_lrs), rtol=1e-5)
+  for k in TWO_LEAVES:
+    np.testing.assert_allclose(params[k], want_params[-1][k], rtol=1e-4, atol=1e-6)
+  assert np.abs(np.log(want_lrs[-1] / 0.1)).max() > 0.05   # the LR really moved
+  if kw.get("per_layer"):
+    assert abs(want_lrs[-1][0] - want_lrs[-1][1]) > 1e-3 * want_lrs[-1][0]  # and per layer
+    assert float(state.learning_rate) == pytest.approx(np.exp(np.log(lrs[-1]).mean()), rel=1e-6)
+
+
+def test_per_layer_hypergradient_matches_finite_differences():
+  """h_l after step t is -d loss(theta_t) / d lr_l, the derivative in layer l's LR of
+  step t - 1: central differences of the loss in each layer's LR, in float64."""
+  with jax.enable_x64(True):
+    tx = hypergradient_adam(0.05, beta=0.0, per_layer=True)
+    update = jax.jit(tx.update)
+    params = jax.tree.map(jnp.asarray, TWO_LEAVES)
+    state = tx.init(params)
+    for _ in range(3):
+      before = params
+      updates, state = update(two_leaf_grad(params), state, params)
+      params = optax.apply_updates(params, updates)
+    _, state = update(two_leaf_grad(params), state, params)  # h of the last step
+    lr, delta = 0.05, 1e-6
+    for i, k in enumerate(sorted(TWO_LEAVES)):
+      def loss_at(layer_lr):
+        moved = dict(params)
+        moved[k] = before[k] + updates[k] * (layer_lr / lr)   # that layer's step at layer_lr
+        return float(two_leaf_loss(jax.tree.map(np.asarray, moved)))
+      fd = (loss_at(lr + delta) - loss_at(lr - delta)) / (2 * delta)
+      assert float(state.hypergradient[i]) == pytest.approx(-fd, rel=1e-6, abs=1e-10)
+      assert abs(fd) > 1e-3   # a real signal
+
+
+def test_adam_variant_skips_a_non_finite_hypergradient():
+  tx = hypergradient_adam(0.05, beta=0.1, normalized=True, per_layer=True)
+  good = jax.grad(loss_fn)(PARAMS)
+  broken = jax.tree.map(lambda x: x.at[0].set(np.nan), good)
+  state, update = tx.init(PARAMS), jax.jit(tx.update)
+  for g in (good, good, good):
+    _, state = update(g, state, PARAMS)
+  _, bad = update(broken, state, PARAMS)   # both leaves' h are NaN ("b" has a NaN too)
+  assert bool(jnp.all(~jnp.isfinite(bad.hypergradient)))
+  np.testing.assert_array_equal(bad.hyper_mu, state.hyper_mu)
+  np.testing.assert_array_equal(bad.hyper_nu, state.hyper_nu)
+  _, after = update(good, bad, PARAMS)
+  assert bool(jnp.all(jnp.isfinite(after.layer_lrs)))
+
+
 def test_zero_beta_is_plain_adam():
   # Under jit: eagerly, 1 - b2**t is evaluated with a different pow rounding,
   # which the cancellation magnifies to ~1e-5 relative differences.
@@ -316,6 +441,8 @@ def test_current_lr_reads_hypergradient_states():
     (lambda: hypergradient_adam(1e-3, min_lr=0.5, max_lr=0.1), r"min_lr=0\.5, max_lr=0\.1"),
     (lambda: hypergradient_sgd(0.1, min_lr=-1.0), r"min_lr .*got -1\.0"),
     (lambda: hypergradient_sgd(0.1, momentum=1.5), r"momentum .*got 1\.5"),
+    (lambda: hypergradient_adam(0.1, per_layer="yes"), r"per_layer must be True or False"),
+    (lambda: hypergradient_adam(0.1, normalized=True, hyper_b2=1.0), r"hyper_b2 .*got 1\.0"),
 ])
 def test_bad_input_raises_naming_the_value(make, match):
   with pytest.raises(ValueError, match=match):

@@ -15,7 +15,7 @@ import pytest
 from metaopt import experiments
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-LEAVES = ("validation", "config", "report", "checkpoint")
+LEAVES = ("validation", "config", "report", "checkpoint", "sharding")
 ORDER = ("tasks", "unroll", "estimators", "schedules", "train", "meta", "hparams",
          "experiments", "cli")
 

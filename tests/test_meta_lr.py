@@ -8,6 +8,7 @@ import pytest
 
 import jax.numpy as jnp
 
+from metaopt import estimators
 from metaopt.meta import lr as meta_lr
 from metaopt.meta.lr import MetaLRConfig, _finite_mean, meta_train
 from metaopt.schedules import init_controller
@@ -82,5 +83,62 @@ def test_non_finite_meta_gradients_are_skipped_and_counted(monkeypatch):
     (dict(lanes=0), "lanes"),
 ])
 def test_bad_config_raises(kw, match):
+  with pytest.raises(ValueError, match=match):
+    tiny(**kw)
+
+
+# --- es and pes ---------------------------------------------------------------------------
+
+
+def test_pes_resumes_exactly_with_staggered_restarts(tmp_path):
+  """Each lane's PESState follows its run and restarts with it, lane 0's first run is cut
+  short (staggered), the LR rises where TBPTT raises it, and a killed run resumed from its
+  checkpoint (PES states included) ends as the uninterrupted one."""
+  config = tiny(estimator="pes", population=4)
+  trainer = meta_lr.MetaTrainer(config)
+  state, record = trainer.initial()
+  restarts, rows = {0: [], 1: []}, []
+  for step in range(config.meta_steps):  # uninterrupted, one meta step at a time
+    state, record, row = trainer.advance(state, record, step, 1)
+    rows += row
+    for i, lane in enumerate(record["lanes"]):
+      pes_state = state["lanes"][i]
+      assert isinstance(pes_state, estimators.PESState) and pes_state.pairs == 2
+      # Truncations done in the current run: 0 right after a restart (fresh accumulator).
+      np.testing.assert_array_equal(pes_state.truncations, lane["t"] // config.segment_length)
+      if lane["t"] == 0:
+        restarts[i].append(step)
+  # Lane 0's first run (30 or 60 steps) ends after half its segments, lane 1's at its end.
+  first = [trainer._task(i, 0).config.total_steps // config.segment_length for i in (0, 1)]
+  assert restarts[0][0] == -(-first[0] // 2) - 1 and restarts[1][0] == first[1] - 1
+  assert restarts[0][0] != restarts[1][0]
+  assert all(np.isfinite(r["meta_grad_norm"]) and r["meta_grad_norm"] > 0 for r in rows)
+  # Digits at Adam 1e-3: a larger LR lowers the loss, TBPTT's meta-gradient raises it, so does PES.
+  assert rows[-1]["mean_lr"] > rows[0]["mean_lr"] > 1e-3
+
+  trainer.run(tmp_path, progress=False, stop_after=5)   # killed after step 5
+  resumed = trainer.run(tmp_path, progress=False)  # restores the checkpoint of step 4
+  leaves_equal(state["theta"], resumed.theta)
+  assert [h["meta_loss"] for h in resumed.history] == [r["meta_loss"] for r in rows]
+
+
+def test_es_trains_the_controller_toward_a_larger_lr():
+  result = meta_train(tiny(estimator="es", population=4, lanes=1, meta_steps=3), progress=False)
+  assert all(np.isfinite(h["meta_grad_norm"]) and h["meta_grad_norm"] > 0
+             for h in result.history)
+  # As under TBPTT (and PES above), the LR goes up on digits at Adam 1e-3.
+  assert result.history[-1]["mean_lr"] > result.history[0]["mean_lr"] > 1e-3
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(estimator="pes", population=3), "population must be even .*got 3"),
+    (dict(estimator="es", population=1), "population must be even .*got 1"),
+    (dict(estimator="pes", sigma=0.0), "sigma must be a positive .*got 0.0"),
+    (dict(sigma=-1.0), "sigma must be a positive .*got -1.0"),
+    (dict(update_every=0), "update_every must be an integer >= 1, got 0"),
+    (dict(estimator="full"), "unknown estimator 'full'; accepted: tbptt, es, pes"),
+    (dict(controller="gru"), "unknown controller 'gru'; accepted: mlp, lstm"),
+])
+def test_bad_estimator_settings_name_the_value(kw, match):
   with pytest.raises(ValueError, match=match):
     tiny(**kw)

@@ -337,3 +337,41 @@ def test_workers_die_with_a_killed_sweep(tmp_path):
       sweep.kill()
       sweep.wait()
     log.close()
+
+
+def test_mixed_depths_share_one_program_and_train_as_the_unmasked_models(tmp_path, monkeypatch):
+  # Depths 1 and 2 of one task train in one masked program (the old grouping compiled one
+  # per depth), and a depth-1 run's curves are its unmasked model's (dropout masks included).
+  space = Space([Param("learning_rate", "float", 1e-3, 1e-1, log=True),
+                 Param("layers", "categorical", choices=(1, 2)),
+                 Param("dropout", "float", 0.1, 0.5)])
+  real, programs = metaopt.train.train_grid, []
+
+  def counted(task, *args, **kw):
+    programs.append(task.config.depth)
+    return real(task, *args, **kw)
+
+  monkeypatch.setattr(metaopt.train, "train_grid", counted)
+  assert S.sweep(tmp_path / "masked.db", datasets=["iris"], models=["mlp"], space=space,
+                 trials_per_task=4, epochs=1, progress=False).added == 4
+  assert programs == [2]
+  with RunStore(tmp_path / "masked.db") as store:
+    masked = {r.run_key: r for r in store.runs()}
+  assert sorted(masked) == sorted(S.run_key("iris", "mlp", i, epochs=1, seed=0, space=space)
+                                  for i in range(4))
+  assert {r.status for r in masked.values()} == {"completed"}
+  assert {r.hparams["layers"] for r in masked.values()} == {1, 2}
+  assert all(r.model["depth"] == r.hparams["layers"] for r in masked.values())
+
+  monkeypatch.setattr(S, "MASK_DEPTH", ())  # the old grouping: a program of depth 1
+  shallow = [r.extra["trial"] for r in masked.values() if r.hparams["layers"] == 1]
+  with RunStore(tmp_path / "old.db") as store:
+    S.run_task(store, space, "iris", "mlp", shallow, epochs=1, seed=0,
+               micro=next(iter(masked.values())).extra["micro_batch"])
+    old = store.runs()
+  assert programs == [2, 1] and len(old) == len(shallow)
+  for o in old:
+    r = masked[o.run_key]
+    assert (r.status, r.hparams, r.model) == (o.status, o.hparams, o.model)
+    for name in ("train_loss", "val_loss", "test_loss"):
+      np.testing.assert_allclose(r.curves[name], o.curves[name], rtol=1e-5)

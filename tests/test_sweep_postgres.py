@@ -25,10 +25,12 @@ from metaopt.hparams.space import Param, Space
 from metaopt.hparams.store import Claims
 from metaopt.train import TrainResult
 
-# Two depths: each task has two units (groups of runs sharing one compiled program).
+# Two widths: each task has two units (groups of runs sharing one compiled program; the
+# depths share one, masked).
 SPACE = Space([Param("learning_rate", "float", 1e-3, 1e-1, log=True),
                Param("batch_size", "categorical", choices=(16, 32)),
-               Param("layers", "categorical", choices=(1, 2))])
+               Param("layers", "categorical", choices=(1, 2)),
+               Param("width", "categorical", choices=(8, 16))])
 
 
 def fake_train_grid(task, make_tx, hparams, keys, *, steps, eval_every, **kw):

@@ -47,7 +47,7 @@ def test_dataset_loads_with_valid_standardized_splits(name):
 
 def test_split_indices_partition_the_examples():
   y = np.repeat(np.arange(5), 40)
-  train, val, test = data_mod._split_indices(y, 3, 0.2, 0.2)
+  train, val, test = data_mod.split_indices(y, 3, 0.2, 0.2)
   every = np.concatenate([train, val, test])
   assert len(every) == len(y) and len(np.unique(every)) == len(y)
   assert (len(train), len(val), len(test)) == (120, 40, 40)

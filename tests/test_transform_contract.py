@@ -146,6 +146,11 @@ CASES = {
     "hypergradient_adam_multiplicative": Case(
         metaopt.hypergradient_adam, dict(learning_rate=0.02, beta=1e-2, multiplicative=True),
         lr_name="learning_rate"),
+    # Both variants in one case: they share one implementation.
+    "hypergradient_adam_normalized_per_layer": Case(
+        metaopt.hypergradient_adam,
+        dict(learning_rate=0.02, beta=1e-2, normalized=True, per_layer=True),
+        lr_name="learning_rate"),
     "hypergradient_lr": Case(
         metaopt.hypergradient_lr, dict(learning_rate=0.02, beta=1e-4), args=(adam_direction(),),
         lr_name="learning_rate"),
@@ -561,6 +566,7 @@ META = {
     "hypergradient_sgd_nesterov": ("learning_rate", "beta"),
     "hypergradient_adam": ("learning_rate", "beta"),
     "hypergradient_adam_multiplicative": ("learning_rate", "beta"),
+    "hypergradient_adam_normalized_per_layer": ("learning_rate", "beta"),
     "hypergradient_lr": ("learning_rate", "beta"),
     "plateau_lr": ("learning_rate",),
     "plateau_lr_fed": ("learning_rate",),
@@ -574,6 +580,7 @@ META_NEEDS = {
     "hypergradient_adam": (dict(eps_root=1e-8), "eps_root=0 (the default) differentiates "
                            "sqrt at a zero second moment: NaN meta-gradients"),
     "hypergradient_adam_multiplicative": (dict(eps_root=1e-8), "as hypergradient_adam"),
+    "hypergradient_adam_normalized_per_layer": (dict(eps_root=1e-8), "as hypergradient_adam"),
 }
 META_STEPS = 20
 

@@ -6,10 +6,22 @@ Generator seeded by (seed, dataset, model), so a sweep always draws the same
 configurations, and each run gets a deterministic ``run_key``: a resumed sweep
 skips the runs already in the store.
 
-One compiled program serves many runs. Configurations are grouped by their
-static hyperparameters (``layers``, ``width``: they change shapes); within a
-group the rest are traced and the runs vmapped through
-:func:`metaopt.train.train_grid`:
+One compiled program serves many runs. Configurations are grouped by the
+hyperparameters that change the program: ``width``, and ``layers`` only for the
+families not in ``MASK_DEPTH`` (the cnn: its blocks change the channel count and
+the image size, so none can be skipped). Within a group the rest are traced and
+the runs vmapped through :func:`metaopt.train.train_grid`:
+
+- ``layers`` (mlp, rnn, transformer): masked depth. The group's program is the
+  model at the group's largest depth called with each run's ``active_depth``
+  (:mod:`metaopt.tasks.models`): layers past it pass their input through. Each run
+  starts from its own configuration's initial parameters (``task.init`` at its real
+  depth with its key), zero-padded into the deep model's layout
+  (:func:`~metaopt.tasks.models.pad_depth`); the padded parameters get zero
+  gradients and AdamW keeps them zero, so the run computes what the unpadded model
+  computes (to float rounding). A group of one depth trains that model unmasked.
+  Width is not masked: a wider dropout mask would draw different random numbers than
+  the run's own width, so runs of different widths compile a program each.
 
 - ``learning_rate``, ``weight_decay``, ``beta1``: AdamW arguments;
 - ``dropout``: the traced dropout rate of the model;
@@ -48,6 +60,7 @@ from __future__ import annotations
 import collections.abc
 import concurrent.futures
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -78,8 +91,8 @@ from metaopt.hparams.search import Outcome, json_key
 from metaopt.hparams.space import DEFAULT_SPACE, Space
 from metaopt.hparams.store import Claims, RunStore
 from metaopt.tasks import TaskConfig, make_task
-from metaopt.tasks.data import DATASETS, IMAGE_SHAPES, num_train_examples
-from metaopt.tasks.models import MODEL_KINDS
+from metaopt.tasks.data import DATASETS, is_image_dataset, num_train_examples
+from metaopt.tasks.models import DEPTH_MASKED, MODEL_KINDS, make_model, pad_depth
 from metaopt.validation import check_choice, check_int, is_number
 
 # Hyperparameters a sweep knows how to apply, with the value used when the space lacks one.
@@ -87,7 +100,10 @@ KNOWN_HPARAMS: dict[str, Any] = {
     "learning_rate": 1e-3, "batch_size": 32, "layers": 2, "dropout": None,
     "weight_decay": 0.0, "beta1": 0.9, "width": None,
 }
-STATIC_HPARAMS = ("layers", "width")  # change shapes: one compile per distinct value
+STATIC_HPARAMS = ("layers", "width")  # change shapes (layers: masked for MASK_DEPTH)
+# Families whose depth is masked (traced) instead of static; () is the old grouping,
+# one program per depth (benchmarks/bench_sweep_compile.py compares the two).
+MASK_DEPTH: tuple[str, ...] = DEPTH_MASKED
 WIDTHS: dict[str, int] = {"mlp": 64, "cnn": 8, "rnn": 32, "transformer": 32}
 # Families whose runs are vmapped; the others run one after another in one program (lax.map):
 # vmapped convolutions are slow on the CPU, and vmapped GRU groups of 8 runs hung the XLA CPU
@@ -238,7 +254,7 @@ def tasks_of(datasets: Sequence[str], models: Sequence[str]) -> tuple[list, list
   valid, invalid = [], []
   for d in datasets:
     for m in models:
-      if m == "cnn" and d not in IMAGE_SHAPES:
+      if m == "cnn" and not is_image_dataset(d):
         invalid.append((d, m, "cnn needs an image dataset"))
       else:
         valid.append((d, m))
@@ -252,17 +268,53 @@ def make_sweep_tx(h):
   return optax.MultiSteps(inner, every_k_schedule=lambda _: h["accumulate"])
 
 
-def traced_hparams(resolved: Sequence[dict], micro: int, *, dropout: bool = True) -> dict:
+def traced_hparams(resolved: Sequence[dict], micro: int, *, dropout: bool = True,
+                   depth: bool = False) -> dict:
   """The traced hyperparameters of runs (rows of :func:`resolve_hparams`), stacked:
   AdamW's arguments, the gradient-accumulation count for micro-batches of ``micro``
-  examples, and (with ``dropout``) the dropout rate."""
+  examples, (with ``dropout``) the dropout rate and (with ``depth``) ``layers``, the
+  active depth of a masked model."""
   column = lambda name: jnp.asarray([h[name] for h in resolved], jnp.float32)
   out = {"learning_rate": column("learning_rate"), "beta1": column("beta1"),
          "weight_decay": column("weight_decay"),
          "accumulate": jnp.asarray([h["batch_size"] // micro for h in resolved], jnp.int32)}
   if dropout:
     out["dropout"] = jnp.asarray([h["dropout"] or 0.0 for h in resolved], jnp.float32)
+  if depth:
+    out["layers"] = jnp.asarray([h["layers"] for h in resolved], jnp.int32)
   return out
+
+
+def group_key(h: dict, model: str) -> tuple[int, int]:
+  """``(layers, width)`` of the compiled program a run (a row of :func:`resolve_hparams`)
+  trains in; ``layers`` is 0 (any depth) for the families of ``MASK_DEPTH``."""
+  return (0 if model in MASK_DEPTH else h["layers"], h["width"])
+
+
+def _shaped(task, depth: int):
+  """``task`` with its model at ``depth`` layers (the same data)."""
+  cfg = task.config._replace(depth=depth)
+  model = make_model(cfg.model, width=cfg.width, depth=depth, num_classes=task.data.num_classes,
+                     image_shape=task.data.image_shape, info=task.data.info)
+  return dataclasses.replace(task, config=cfg, model=model)
+
+
+def masked_init(task, depths: Sequence[int]):
+  """``init(hparams, key)`` for :func:`metaopt.train.make_train_fn`: the parameters of
+  ``task``'s model at the run's depth ``hparams["layers"]`` (one of ``depths``), as
+  ``task.init`` at that depth gives them, zero-padded to ``task``'s depth (:func:`pad_depth`)."""
+  kind, deep = task.config.model, task.config.depth
+  like = jax.eval_shape(task.init, jax.random.PRNGKey(0))
+  inits = {d: _shaped(task, d).init for d in sorted(set(depths))}
+
+  def init(hparams, key):
+    params = None
+    for d, real in inits.items():
+      padded = pad_depth(kind, real(key), like, depth=d, max_depth=deep)
+      params = padded if params is None else jax.tree.map(
+          lambda a, b: jnp.where(hparams["layers"] == d, a, b), padded, params)
+    return params
+  return init
 
 
 def micro_batch(space: Space, configs: Iterable[dict], n_train: int) -> int:
@@ -290,7 +342,7 @@ COUNTS = ("added", "skipped", "diverged", "failed")
 def run_group(store: RunStore, dataset: str, model: str, configs: dict[int, dict],
               keys: dict[int, str], *, micro: int, epochs: int, seed: int,
               on_runs: Callable[[int], None] = lambda n: None) -> dict[str, int]:
-  """Train the given trials of one task (grouped by static hyperparameters) into ``store``,
+  """Train the given trials of one task (grouped by :func:`group_key`) into ``store``,
   sampling micro-batches of ``micro`` examples (see the module docstring). Trials whose
   run_key is stored meanwhile (by another process) are skipped, not trained or written.
   Returns the counts of ``COUNTS``."""
@@ -298,9 +350,9 @@ def run_group(store: RunStore, dataset: str, model: str, configs: dict[int, dict
   resolved = {i: resolve_hparams(c, model) for i, c in configs.items()}
   groups: dict[tuple, list[int]] = {}
   for i, h in resolved.items():
-    groups.setdefault((h["layers"], h["width"]), []).append(i)
+    groups.setdefault(group_key(h, model), []).append(i)
   features = None
-  for (layers, width), trials in sorted(groups.items()):
+  for (_, width), trials in sorted(groups.items()):
     stored = [i for i in trials if store.has(keys[i])]
     if stored:
       counts["skipped"] += len(stored)
@@ -308,22 +360,31 @@ def run_group(store: RunStore, dataset: str, model: str, configs: dict[int, dict
       trials = [i for i in trials if i not in stored]
       if not trials:
         continue
-    task = make_task(TaskConfig(dataset, model, width, layers, micro, 1, seed))
+    depths = [resolved[i]["layers"] for i in trials]
+    masked = len(set(depths)) > 1  # one depth: that model, unmasked
+    task = make_task(TaskConfig(dataset, model, width, max(depths), micro, 1, seed))
     if features is None:
       features = task_features(task.data, model_family=model, epochs=epochs, seed=seed)
     per_epoch = train.steps_per_epoch(task)
     use_dropout = any(resolved[i]["dropout"] is not None for i in trials)
-    hparams = traced_hparams([resolved[i] for i in trials], micro, dropout=use_dropout)
+    hparams = traced_hparams([resolved[i] for i in trials], micro, dropout=use_dropout,
+                             depth=masked)
     run_keys = [keys[i] for i in trials]
     seeds = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(seed),
                                           zlib.crc32(k.encode()) & 0x7FFFFFFF)
                        for k in run_keys])
+    records = {d: model_record(_shaped(task, d)) for d in set(depths)}
     model_info = model_record(task)
     extra = {"source": "sweep", "micro_batch": micro, "epochs": epochs}
     try:
+      shapes = {}
+      if masked:
+        shapes = dict(model_args=lambda h: {"active_depth": h["layers"]},
+                      init=masked_init(task, depths))
       result, wall = train.train_grid(
           task, make_sweep_tx, hparams, seeds, steps=epochs * per_epoch, eval_every=per_epoch,
-          vectorize=model in VMAPPED, dropout=(lambda h: h["dropout"]) if use_dropout else None)
+          vectorize=model in VMAPPED, dropout=(lambda h: h["dropout"]) if use_dropout else None,
+          **shapes)
       rows = result_rows(task, hparams, result, wall, task_features=features,
                          run_keys=run_keys, keys=seeds, model=model_info)
     except (ValueError, TypeError):
@@ -334,6 +395,7 @@ def run_group(store: RunStore, dataset: str, model: str, configs: dict[int, dict
                    extra={"error": f"{type(e).__name__}: {e}"}) for k in run_keys]
     for row, i in zip(rows, trials):
       row["hparams"] = dict(configs[i])  # the sampled values, as the space gives them
+      row["model"] = records[resolved[i]["layers"]]  # its own depth, not the group's
       row["extra"] = {**row.get("extra", {}), **extra, "trial": i}
     # Another process may have stored some of these runs while they trained (a sweep
     # resumed while an old one still ran): those are skipped, the others written.
@@ -352,7 +414,7 @@ def run_task(store: RunStore, space: Space, dataset: str, model: str, trials: Se
              on_runs: Callable[[int], None] = lambda n: None) -> dict[str, int]:
   """Train the given trial numbers of one task into ``store`` (:func:`run_group`), drawing
   each configuration when it is reached and training at most ``GROUP_RUNS`` runs of one
-  shape at a time. Returns the counts of ``COUNTS``."""
+  program (:func:`group_key`) at a time. Returns the counts of ``COUNTS``."""
   counts = dict.fromkeys(COUNTS, 0)
   if not trials:
     return counts
@@ -369,8 +431,7 @@ def run_task(store: RunStore, space: Space, dataset: str, model: str, trials: Se
 
   for i, config in enumerate(trial_configs(space, dataset, model, max(wanted) + 1, seed)):
     if i in wanted:
-      h = resolve_hparams(config, model)
-      shape = (h["layers"], h["width"])
+      shape = group_key(resolve_hparams(config, model), model)
       buckets.setdefault(shape, {})[i] = config
       if len(buckets[shape]) == GROUP_RUNS:
         train_bucket(shape)
@@ -552,8 +613,8 @@ def claim_runs(store: RunStore, space: Space, jobs: Sequence[tuple], *, epochs: 
     wanted = set(trials)
     for i, config in enumerate(trial_configs(space, dataset, model, max(wanted) + 1, seed)):
       if i in wanted:
-        h = resolve_hparams(config, model)
-        unit = f"{prefix[:-1]}L{h['layers']}-W{h['width']}"
+        layers, width = group_key(resolve_hparams(config, model), model)
+        unit = f"{prefix[:-1]}L{layers or 'any'}-W{width}"
         units[unit] = (dataset, model, micro)
         planned.append((prefix + str(i), unit, i))
   claims = Claims(store, worker, claim_timeout)

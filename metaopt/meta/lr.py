@@ -9,6 +9,12 @@ segment's steps, which counters the short-horizon bias of judging only its end.
 When a lane's run reaches its ``total_steps`` (or goes non-finite) it starts a
 new task. Everything random derives from ``seed``, so a run killed at any point
 and resumed from its orbax checkpoint ends with the same ``theta``.
+
+``estimator="es"`` or ``"pes"`` replaces the backward pass by ``population``
+antithetically perturbed forward runs per lane (:mod:`metaopt.estimators`);
+under PES each lane carries its :class:`~metaopt.estimators.PESState` (runs and
+accumulated perturbations) in the loop's state and checkpoints, and the lanes'
+first runs end at staggered points so their restarts are not synchronized.
 """
 
 from __future__ import annotations
@@ -22,13 +28,14 @@ import numpy as np
 import optax
 
 from metaopt import estimators
-from metaopt.schedules import (LRController, current_lr, init_controller, save_controller,
-                               scale_by_learned_lr, with_theta)
+from metaopt.schedules import (CONTROLLERS, LRController, current_lr, init_controller,
+                               make_controller, save_controller, scale_by_learned_lr, with_theta)
 from metaopt.schedules.learned_lr import DEFAULT_SETTINGS
 from metaopt.tasks import TaskFamily, make_task, task_family
+from metaopt.sharding import Sharding, abstract, population_map, resolve
 from metaopt.train import run_loop
 from metaopt.unroll import InnerProblem
-from metaopt.validation import check_int, check_positive, check_seed
+from metaopt.validation import check_choice, check_int, check_positive, check_seed
 
 PyTree = Any
 VAL_BATCH = 128
@@ -39,7 +46,7 @@ class MetaLRConfig:
   """Settings of :func:`meta_train`."""
   family: TaskFamily
   lanes: int = 4                 # tasks trained side by side each meta step
-  population: int = 2            # seeds per lane, vmapped
+  population: int = 2            # inner runs per lane, vmapped: seeds (tbptt), perturbed runs (es/pes)
   segment_length: int = 25       # inner steps per truncation
   meta_steps: int = 300
   meta_lr: float = 3e-3
@@ -53,10 +60,21 @@ class MetaLRConfig:
   min_response_steps: float = DEFAULT_SETTINGS["min_response_steps"]
   checkpoint_every: int = 50
   seed: int = 0
+  estimator: str = "tbptt"       # meta-gradient: "tbptt" (backprop), "es" or "pes" (forward only)
+  sigma: float = 0.01            # es/pes: standard deviation of theta's perturbations
+  controller: str = "mlp"        # "mlp" (LRController) or "lstm" (LSTMController), widths `hidden`
+  update_every: int = 1          # the controller decides once per this many inner steps
 
   def __post_init__(self):
-    for name in ("lanes", "population", "segment_length", "meta_steps", "checkpoint_every"):
+    for name in ("lanes", "population", "segment_length", "meta_steps", "checkpoint_every",
+                 "update_every"):
       check_int(name, getattr(self, name))
+    check_choice("estimator", self.estimator, estimators.TRUNCATED)
+    check_choice("controller", self.controller, CONTROLLERS)
+    check_positive("sigma", self.sigma)
+    if self.estimator in ("es", "pes") and self.population % 2:
+      raise ValueError(f"population must be even with estimator={self.estimator!r} (antithetic "
+                       f"pairs theta + eps, theta - eps), got {self.population}")
     check_seed("seed", self.seed)
     for name in ("meta_lr", "clip_norm", "learning_rate"):
       check_positive(name, getattr(self, name))
@@ -92,7 +110,8 @@ def learned_lr_tx(controller, theta, config: MetaLRConfig, total_steps):
   return optax.chain(
       optax.scale_by_adam(eps_root=1e-8),
       scale_by_learned_lr(controller, theta, learning_rate=config.learning_rate,
-                          total_steps=total_steps, **config.settings))
+                          total_steps=total_steps, update_every=config.update_every,
+                          **config.settings))
 
 
 def lr_problem(task, arrays: dict, controller, config: MetaLRConfig, total_steps,
@@ -152,7 +171,7 @@ class _LaneFns(NamedTuple):
 
 class MetaTrainResult(NamedTuple):
   theta: PyTree
-  controller: LRController
+  controller: LRController  # or an LSTMController (MetaLRConfig.controller="lstm")
   history: list        # one dict of metrics per meta step
   skipped_members: int  # inner runs whose meta-gradient was non-finite, dropped
   skipped_steps: int    # meta steps with no finite meta-gradient at all
@@ -164,6 +183,7 @@ class MetaTrainResult(NamedTuple):
     (:func:`metaopt.save_controller`), for :func:`metaopt.pretrained_lr` (``path=``)."""
     return save_controller(path, self.theta, settings=self.config.settings,
                            hidden=self.config.hidden, learning_rate=self.config.learning_rate,
+                           kind=self.config.controller, update_every=self.config.update_every,
                            info={"meta_steps": self.config.meta_steps, "seed": self.config.seed,
                                  **(info or {})})
 
@@ -176,9 +196,16 @@ class MetaTrainer:
   lane's restart ``round`` (which fixes the task) and its step ``t`` in that task.
   """
 
-  def __init__(self, config: MetaLRConfig):
+  def __init__(self, config: MetaLRConfig, *, sharding: Sharding = None,
+               chunk_size: Optional[int] = None):
     self.config = config
-    self.controller = LRController(hidden=tuple(config.hidden))
+    # The population axis of each lane: split across devices and/or mapped in chunks.
+    self.sharding = resolve(sharding, config.population)
+    if chunk_size is not None and config.population % check_int("chunk_size", chunk_size):
+      raise ValueError(f"chunk_size={chunk_size} does not divide population="
+                       f"{config.population}; use a divisor of it")
+    self._map = dict(chunk_size=chunk_size, sharding=self.sharding)
+    self.controller = make_controller(config.controller, config.hidden)
     self.meta_opt = optax.chain(optax.clip_by_global_norm(config.clip_norm),
                                 optax.adam(config.meta_lr))
     self.root = jax.random.PRNGKey(config.seed)
@@ -201,18 +228,74 @@ class MetaTrainer:
 
       def init(theta, keys, arrays, total_steps):
         problem = lr_problem(task, arrays, controller, config, total_steps)
-        return jax.vmap(problem.init, in_axes=(None, 0))(theta, keys)
+        return population_map(problem.init, (None, 0), **self._map)(theta, keys)
 
       def segment(theta, states, arrays, total_steps, batch_size):
         problem = lr_problem(task, arrays, controller, config, total_steps, batch_size)
-        est = jax.vmap(lambda s: estimators.tbptt(problem, theta, s, None, None,
-                                                  length=K))(states)
+        est = population_map(lambda s: estimators.tbptt(problem, theta, s, None, None,
+                                                        length=K), **self._map)(states)
         loss, grad, n_ok = _finite_mean(est.meta_loss, est.grad)
         lr = est.metrics["learning_rate"]
         return loss, grad, n_ok, est.state, jnp.mean(lr), jnp.mean(est.metrics["loss"])
 
+      if config.estimator != "tbptt":
+        init, segment = self._perturbed_fns(task)
       self._fns[shape_key] = _LaneFns(jax.jit(init), jax.jit(segment))
     return self._fns[shape_key]
+
+  def _perturbed_fns(self, task):
+    """init/segment of a lane under ``es`` or ``pes``: forward runs only.
+
+    A lane's state is one inner state (es: every perturbed run continues it) or a
+    :class:`~metaopt.estimators.PESState` (pes: each antithetic pair carries its
+    own two runs and accumulated perturbations). ``n_ok`` counts the runs of the
+    pairs whose losses were finite.
+    """
+    config, controller, K = self.config, self.controller, self.config.segment_length
+
+    def init(theta, keys, arrays, total_steps):
+      problem = lr_problem(task, arrays, controller, config, total_steps)
+      if config.estimator == "es":
+        return problem.init(theta, keys[0])
+      state = estimators.pes_init(problem, theta, keys[0], population=config.population)
+      # Every pair starts its runs at the first pes() call (truncations 0), which overwrites
+      # these placeholders: zeros let XLA drop their computation (a faster compile).
+      return state._replace(particles=jax.tree.map(jnp.zeros_like, state.particles))
+
+    def segment(theta, state, arrays, total_steps, batch_size, key):
+      problem = lr_problem(task, arrays, controller, config, total_steps, batch_size)
+      kw = dict(key=key, sigma=config.sigma, length=K, sharding=self.sharding)  # pairs axis
+      if config.estimator == "es":
+        est = estimators.es(problem, theta, state, None, None, population=config.population,
+                            **kw)
+      else:
+        est = estimators.pes(problem, theta, state, None, None, **kw)
+      ok = jnp.isfinite(est.meta_loss)
+      for g in jax.tree.leaves(est.grad):
+        ok &= jnp.all(jnp.isfinite(g))
+      n_ok = jnp.where(ok, 2 * jnp.sum(est.metrics["finite_pairs"]), 0)
+      return (est.meta_loss, est.grad, n_ok, est.state,
+              jnp.nanmean(est.metrics["learning_rate"]), jnp.nanmean(est.metrics["loss"]))
+    return init, segment
+
+  def _members(self) -> int:
+    """Init keys per lane: one per seed (tbptt); one (es, pes: the estimator splits it)."""
+    return self.config.population if self.config.estimator == "tbptt" else 1
+
+  def _run_end(self, lane: int, record: dict, task) -> int:
+    """The step at which the lane's current run ends. Under pes, lane ``i``'s first run
+    is cut after about ``(i + 1) / lanes`` of its segments, so the lanes' runs (and
+    their accumulators) restart at staggered meta steps, not all at once."""
+    total = task.config.total_steps
+    if self.config.estimator != "pes" or record["round"] > 0:
+      return total
+    K, lanes = self.config.segment_length, self.config.lanes
+    return K * max(1, -(-(total // K) * (lane + 1) // lanes))
+
+  def _perturbation_key(self, lane: int, meta_step: int) -> jax.Array:
+    """es/pes perturbations of ``lane`` at ``meta_step``: fixed by the seed, so a resumed
+    run draws what the uninterrupted one did."""
+    return jax.random.fold_in(jax.random.fold_in(self.root, 2000 + lane), meta_step)
 
   def _task(self, lane: int, round_: int):
     """The task lane ``lane`` trains in its restart ``round_`` (drawn from the seed)."""
@@ -225,7 +308,7 @@ class MetaTrainer:
     """Fresh inner states of the population on the lane's task of ``round_``."""
     task = self._task(lane, round_)
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(task.config.seed), i))(
-        jnp.arange(self.config.population))
+        jnp.arange(self._members()))
     return self._fns_for(task).init(theta, keys, task.arrays(),
                                     jnp.float32(task.config.total_steps))
 
@@ -249,10 +332,14 @@ class MetaTrainer:
     states = []
     for i, lane in enumerate(record["lanes"]):
       task = self._task(i, lane["round"])
-      keys = jnp.zeros((self.config.population, 2), jnp.uint32)
+      keys = jnp.zeros((self._members(), 2), jnp.uint32)
       states.append(jax.eval_shape(self._fns_for(task).init, theta, keys, task.arrays(),
                                    jnp.float32(1.0)))
-    return {"theta": theta, "meta_opt_state": self.meta_opt.init(theta), "lanes": states}
+    meta = {"theta": theta, "meta_opt_state": self.meta_opt.init(theta)}
+    # Sharded: restore onto the mesh, theta replicated and tbptt populations split
+    # (es/pes lane states come back replicated; their pairs are split inside the step).
+    return {**abstract(meta, self.sharding, split=False),
+            "lanes": abstract(states, self.sharding, split=self.config.estimator == "tbptt")}
 
   def advance(self, state: PyTree, record: dict, start: int, n: int):
     """``n`` meta steps: each lane runs one truncation; lanes that finish their task or
@@ -261,13 +348,14 @@ class MetaTrainer:
     theta, opt_state, lanes = state["theta"], state["meta_opt_state"], list(state["lanes"])
     record = {**record, "lanes": [dict(l) for l in record["lanes"]]}
     rows = []
-    for _ in range(n):
+    for j in range(n):
       grads, weights, losses, lrs, names = [], [], [], [], []
       for i, lane in enumerate(record["lanes"]):
         task = self._task(i, lane["round"])
+        key = () if cfg.estimator == "tbptt" else (self._perturbation_key(i, start + j),)
         loss, grad, n_ok, states, lr, _ = self._fns_for(task).segment(
             theta, lanes[i], task.arrays(), jnp.float32(task.config.total_steps),
-            jnp.int32(task.config.batch_size))
+            jnp.int32(task.config.batch_size), *key)
         n_ok = int(n_ok)
         record["skipped_members"] += cfg.population - n_ok
         if n_ok:
@@ -277,7 +365,7 @@ class MetaTrainer:
           lrs.append(float(lr))
         names.append(task.config.name)
         t = lane["t"] + cfg.segment_length
-        if n_ok < cfg.population or t >= task.config.total_steps:
+        if n_ok < cfg.population or t >= self._run_end(i, lane, task):
           record["lanes"][i] = {"round": lane["round"] + 1, "t": 0}
           lanes[i] = self._start_lane(theta, i, lane["round"] + 1)
         else:
@@ -317,11 +405,21 @@ class MetaTrainer:
 
 
 def meta_train(config: MetaLRConfig, out_dir: Optional[str] = None, *,
-               progress: bool = True, stop_after: Optional[int] = None) -> MetaTrainResult:
-  """Meta-trains an :class:`LRController` on ``config.family``.
+               progress: bool = True, stop_after: Optional[int] = None,
+               sharding: Sharding = None, chunk_size: Optional[int] = None) -> MetaTrainResult:
+  """Meta-trains an :class:`LRController` (``config.controller="lstm"``: an
+  :class:`~metaopt.schedules.LSTMController`) on ``config.family``, with the
+  meta-gradients of ``config.estimator`` (``"tbptt"``, ``"es"`` or ``"pes"``).
 
   With ``out_dir`` it writes ``metrics.jsonl`` (one line per meta step) and
   orbax checkpoints every ``config.checkpoint_every`` steps, and resumes from
   the latest checkpoint found there.
+
+  ``sharding`` splits each lane's population across devices (``None``, ``"auto"``,
+  a ``Mesh`` or a ``NamedSharding``: :mod:`metaopt.sharding`); the population must
+  divide evenly over them. ``chunk_size`` vmaps that many members at a time, so
+  memory stays flat as the population grows. Both give the same ``theta`` as
+  neither, to floating-point tolerance.
   """
-  return MetaTrainer(config).run(out_dir, progress=progress, stop_after=stop_after)
+  return MetaTrainer(config, sharding=sharding, chunk_size=chunk_size).run(
+      out_dir, progress=progress, stop_after=stop_after)

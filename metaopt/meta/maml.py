@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from metaopt import estimators
+from metaopt.sharding import Sharding, population_map, resolve, shards
 from metaopt.train import run_loop, scan_advance
 from metaopt.unroll import InnerProblem, population_mean, unroll
 from metaopt.validation import check_int, check_positive
@@ -76,7 +77,8 @@ def maml(loss_fn: LossFn, *, inner_lr: float, inner_steps: int, first_order: boo
          learn_inner_lr: bool = False, adapt_only: AdaptOnly = None,
          meta_optimizer: Optional[optax.GradientTransformation] = None,
          metrics_fn: Optional[Callable[[PyTree, Batch], dict]] = None,
-         vectorize: bool = True) -> MAML:
+         vectorize: bool = True, sharding: Sharding = None,
+         chunk_size: Optional[int] = None) -> MAML:
   """MAML and its variants as pure, jit-able functions.
 
   Args:
@@ -93,6 +95,11 @@ def maml(loss_fn: LossFn, *, inner_lr: float, inner_steps: int, first_order: boo
       reported by ``evaluate`` (e.g. accuracy).
     vectorize: ``vmap`` over the tasks of a meta-batch; ``False`` maps them one
       after another (``lax.map``), faster for convolutions on CPU.
+    sharding: split the meta-batch across devices (``None``, ``"auto"``, a ``Mesh``
+      or a ``NamedSharding``: :mod:`metaopt.sharding`); the meta-gradient's mean
+      over tasks becomes an all-reduce. The meta-batch must divide evenly.
+    chunk_size: vmap that many tasks at a time (a divisor of the meta-batch), so
+      memory grows with the chunk rather than the meta-batch.
 
   Returns:
     A :class:`MAML` whose functions are
@@ -111,6 +118,7 @@ def maml(loss_fn: LossFn, *, inner_lr: float, inner_steps: int, first_order: boo
   inner_steps = check_int("inner_steps", inner_steps)
   check_positive("inner_lr", inner_lr)
   meta_optimizer = optax.adam(1e-3) if meta_optimizer is None else meta_optimizer
+  spec = resolve(sharding, what="meta-batch")
   selected = _selector(adapt_only)
 
   def adapted_indices(params) -> list[int]:
@@ -149,6 +157,10 @@ def maml(loss_fn: LossFn, *, inner_lr: float, inner_steps: int, first_order: boo
   estimate = estimators.first_order if first_order else estimators.full
 
   def over_tasks(fn, *batches):
+    if spec is not None or chunk_size is not None:
+      # One task per device at a time when not vectorized.
+      size = chunk_size if vectorize or spec is None else shards(spec)
+      return population_map(fn, 0, chunk_size=size, sharding=spec, what="meta-batch")(*batches)
     if vectorize:
       return jax.vmap(fn)(*batches)
     return jax.lax.map(lambda b: fn(*b), batches)

@@ -6,20 +6,26 @@ from metaopt.schedules.common import (current_lr, evaluation_params, has_stop_si
                                       should_stop)
 from metaopt.schedules.hypergradient import (
     HypergradientAdamState,
+    HypergradientAdamVariantState,
     HypergradientState,
     hypergradient_adam,
     hypergradient_lr,
     hypergradient_sgd,
 )
 from metaopt.schedules.learned_lr import (
+    CONTROLLERS,
     FEATURE_NAMES,
     LearnedLRSchedule,
     LearnedLRState,
     LRController,
+    LSTMController,
     SavedController,
+    apply_controller,
+    controller_memory,
     direction_norm,
     init_controller,
     load_controller,
+    make_controller,
     pretrained_lr,
     save_controller,
     scale_by_learned_lr,
@@ -30,7 +36,8 @@ from metaopt.schedules.plateau import EarlyStoppingState, PlateauState, early_st
 __all__ = [
     "FEATURE_NAMES", "LRController", "SavedController", "direction_norm", "LearnedLRSchedule", "LearnedLRState", "init_controller",
     "load_controller", "pretrained_lr", "save_controller", "scale_by_learned_lr", "with_theta",
-    "HypergradientAdamState", "HypergradientState", "hypergradient_adam", "hypergradient_lr",
+    "CONTROLLERS", "LSTMController", "apply_controller", "controller_memory", "make_controller",
+    "HypergradientAdamState", "HypergradientAdamVariantState", "HypergradientState", "hypergradient_adam", "hypergradient_lr",
     "hypergradient_sgd",
     "EarlyStoppingState", "PlateauState", "early_stopping", "plateau_lr",
     "current_lr", "evaluation_params", "has_stop_signal", "scale_by_lr", "should_stop",

@@ -24,6 +24,8 @@ Two implementations:
 * :func:`hypergradient_adam` is Adam-HD fused into one pass. It recomputes
   ``u_{t-1}`` from the stored moments instead of keeping it, and applies the
   hypergradient of the previous step, so the LR lags the exact rule by one step.
+  Its opt-in variants: ``per_layer`` (one LR per parameter leaf, moved by that leaf's
+  hypergradient) and ``normalized`` (an Adam-style step on ``log lr``).
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from metaopt.schedules.common import check_float_updates, scale_by_lr
-from metaopt.validation import check_number, renamed, required
+from metaopt.validation import check_number, renamed, required, shown
 
 PyTree = Any
 _TINY = 1e-12  # keeps the multiplicative rule's normalization finite when u_{t-1} = 0
@@ -56,6 +59,22 @@ class HypergradientAdamState(NamedTuple):
   nu: PyTree                 # Adam's second moment
   learning_rate: jax.Array   # float32 LR applied at the latest step
   hypergradient: jax.Array   # h_t = <g_t, u_{t-1}> (cosine if multiplicative): moves the *next* LR
+
+
+class HypergradientAdamVariantState(NamedTuple):
+  """State of :func:`hypergradient_adam` with ``normalized`` or ``per_layer``.
+
+  LR-shaped fields are scalars, or with ``per_layer`` vectors with one entry per
+  parameter leaf (in ``jax.tree.leaves`` order).
+  """
+  count: jax.Array           # int32 steps taken
+  mu: PyTree                 # Adam's first moment
+  nu: PyTree                 # Adam's second moment
+  learning_rate: jax.Array   # float32 LR of the latest step (per layer: their geometric mean)
+  layer_lrs: jax.Array       # float32 LR(s) applied at the latest step
+  hypergradient: jax.Array   # h_t (cosine if multiplicative), per layer with per_layer
+  hyper_mu: jax.Array        # normalized: moving average of h (zeros otherwise)
+  hyper_nu: jax.Array        # normalized: moving average of h ** 2 (zeros otherwise)
 
 
 class _Rule(NamedTuple):
@@ -262,6 +281,10 @@ def hypergradient_adam(
     min_lr: float = 1e-8,
     max_lr: float = 1.0,
     multiplicative: bool = False,
+    normalized: bool = False,
+    per_layer: bool = False,
+    hyper_b1: float = 0.9,
+    hyper_b2: float = 0.99,
     initial_lr: Optional[float] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Adam-HD, fused into a single pass over the parameters. A complete optimizer.
@@ -291,15 +314,43 @@ def hypergradient_adam(
     min_lr, max_lr: bounds the LR is clipped to.
     multiplicative: normalized multiplicative rule (``h`` is then the cosine
       of ``g_t`` and ``u_{t-1}``).
+    normalized: a normalized hypergradient step on ``log lr``, Adam-style:
+      ``lr_t = clip(lr_{t-1} * exp(beta * m_hat / sqrt(v_hat)), min_lr, max_lr)``
+      with ``m``, ``v`` moving averages (``hyper_b1``, ``hyper_b2``, bias
+      corrected) of ``h`` and ``h ** 2``. The step is free of the scale of ``h``
+      and of its noise level, so one ``beta`` (a bound of roughly ``beta`` on the
+      relative change per step) can fit many models; ``beta`` is then no longer the
+      paper's. With ``per_layer``, ``beta=0.1`` recovered best from a 10x or 0.1x
+      bad LR in ``benchmarks/bench_hd_recovery.py`` (docs/benchmarks.md).
+    per_layer: one LR per parameter leaf, each moved by the hypergradient of its
+      own leaf (``h_l = <g_t^l, u_{t-1}^l>``, the derivative of the loss with
+      respect to that leaf's previous LR, negated). ``state.learning_rate`` is
+      their geometric mean; ``state.layer_lrs`` holds them.
+    hyper_b1, hyper_b2: decay rates of the moving averages of ``normalized``,
+      in ``[0, 1)``.
     initial_lr: the old name of ``learning_rate`` (deprecated).
 
-  A non-finite ``h`` leaves the LR unchanged. With ``beta=0`` this is
-  ``optax.adam(learning_rate)``.
+  A non-finite ``h`` leaves the LR (and the moving averages) unchanged. With
+  ``beta=0`` this is ``optax.adam(learning_rate)``. ``normalized`` or
+  ``per_layer`` switch the state to :class:`HypergradientAdamVariantState`.
   """
   learning_rate = renamed("hypergradient_adam", "learning_rate", learning_rate, "initial_lr",
                           initial_lr)
   rule = _rule(learning_rate, beta=beta, min_lr=min_lr, max_lr=max_lr,
                multiplicative=multiplicative, caller="hypergradient_adam")
+  for name, flag in (("normalized", normalized), ("per_layer", per_layer)):
+    if not isinstance(flag, (bool, np.bool_)):
+      raise ValueError(f"hypergradient_adam: {name} must be True or False, got {shown(flag)}")
+  if normalized or per_layer:
+    try:
+      hb1 = check_number("hyper_b1", hyper_b1, low=0.0, high=1.0, high_open=True, traced_ok=True)
+      hb2 = check_number("hyper_b2", hyper_b2, low=0.0, high=1.0, high_open=True, traced_ok=True)
+    except ValueError as e:
+      raise ValueError(f"hypergradient_adam: {e}") from None
+    return _hypergradient_adam_variant(
+        learning_rate, rule, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+        normalized=bool(normalized), per_layer=bool(per_layer),
+        hyper_b1=hyper_b1 if hb1 is None else hb1, hyper_b2=hyper_b2 if hb2 is None else hb2)
 
   def init_fn(params):
     return HypergradientAdamState(
@@ -352,5 +403,87 @@ def hypergradient_adam(
       out.append((((-lr).astype(u.dtype) * u).astype(m_dtype), m, v))
     new_updates, mu, nu = (treedef.unflatten([o[i] for o in out]) for i in range(3))
     return new_updates, HypergradientAdamState(count, mu, nu, lr, signal)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _hypergradient_adam_variant(learning_rate, rule: _Rule, *, b1, b2, eps, eps_root,
+                                normalized: bool, per_layer: bool, hyper_b1,
+                                hyper_b2) -> optax.GradientTransformationExtraArgs:
+  """:func:`hypergradient_adam` with a normalized and/or per-layer LR (same single pass)."""
+
+  def init_fn(params):
+    shape = (len(jax.tree.leaves(params)),) if per_layer else ()
+    zeros = jnp.zeros(shape, jnp.float32)
+    return HypergradientAdamVariantState(
+        count=jnp.zeros((), jnp.int32), mu=_zeros(params), nu=_zeros(params),
+        learning_rate=jnp.asarray(learning_rate, jnp.float32),
+        layer_lrs=jnp.full(shape, learning_rate, jnp.float32),
+        hypergradient=zeros, hyper_mu=zeros, hyper_nu=zeros)
+
+  def next_lrs(state):
+    """The LR(s) of this step, from what the previous steps measured."""
+    if not normalized:
+      return _next_lr(rule, state.layer_lrs, state.hypergradient)
+    # The averages hold h_2 .. h_{t-1} (h_1 = 0: u_0 = 0, not averaged).
+    k = jnp.maximum(state.count - 1, 0)
+    c1 = jnp.where(k > 0, 1 - hyper_b1 ** k, 1.0)
+    c2 = jnp.where(k > 0, 1 - hyper_b2 ** k, 1.0)
+    # _TINY ** 2 inside the root: finite (and differentiable) when every h was 0.
+    step = (state.hyper_mu / c1) / jnp.sqrt(state.hyper_nu / c2 + _TINY ** 2)
+    return jnp.clip(state.layer_lrs * jnp.exp(rule.beta * step), rule.min_lr,
+                    rule.max_lr).astype(jnp.float32)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    check_float_updates(updates, "hypergradient_adam")
+    lrs = next_lrs(state)
+    count = optax.safe_increment(state.count)
+    prev_c1 = jnp.where(state.count > 0, 1 - b1 ** state.count, 1.0)
+    prev_c2 = jnp.where(state.count > 0, 1 - b2 ** state.count, 1.0)
+    c1, c2 = 1 - b1 ** count, 1 - b2 ** count
+
+    grads, treedef = jax.tree.flatten(updates)
+    mus, nus = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
+
+    # Pass 1, as in hypergradient_adam: <g_t, u_{t-1}> (and the norms), per leaf.
+    products = [[], [], []]
+    for g, m, v in zip(grads, mus, nus):
+      u_prev = (m / prev_c1.astype(m.dtype)) / (
+          jnp.sqrt(v / prev_c2.astype(v.dtype) + eps_root) + eps)
+      pairs = ((g, u_prev), (g, g), (u_prev, u_prev)) if rule.multiplicative else ((g, u_prev),)
+      for i, (x, y) in enumerate(pairs):
+        products[i].append(_partial_sum(x * y))
+    if per_layer:
+      sums = [jnp.stack([jnp.sum(x) for x in p]) if p else jnp.zeros((0,), jnp.float32)
+              for p in products]
+    else:
+      sums = [jnp.sum(jnp.concatenate(p)) if p else jnp.zeros((), jnp.float32)
+              for p in products]
+    signal = _signal(rule, *sums[:3 if rule.multiplicative else 1])
+
+    hyper_mu, hyper_nu = state.hyper_mu, state.hyper_nu
+    if normalized:
+      ok = jnp.isfinite(signal) & (state.count > 0)
+      h = jnp.where(ok, signal, 0.0)  # double where: finite gradients through the LR
+      hyper_mu = jnp.where(ok, hyper_b1 * hyper_mu + (1 - hyper_b1) * h, hyper_mu)
+      hyper_nu = jnp.where(ok, hyper_b2 * hyper_nu + (1 - hyper_b2) * h * h, hyper_nu)
+      hyper_mu, hyper_nu = hyper_mu.astype(jnp.float32), hyper_nu.astype(jnp.float32)
+
+    # Pass 2: Adam, each leaf scaled by its LR; ordered after pass 1 (see hypergradient_adam).
+    zero = _zero_after(jnp.sum(sums[0]))
+    out = []
+    for i, (g, m, v) in enumerate(zip(grads, mus, nus)):
+      lr = lrs[i] if per_layer else lrs
+      m_dtype, v_dtype = m.dtype, v.dtype
+      m = ((1 - b1) * g + b1 * (m + zero.astype(m.dtype))).astype(m_dtype)
+      v = ((1 - b2) * (g ** 2) + b2 * (v + zero.astype(v.dtype))).astype(v_dtype)
+      u = (m / c1.astype(m.dtype)) / (jnp.sqrt(v / c2.astype(v.dtype) + eps_root) + eps)
+      out.append((((-lr).astype(u.dtype) * u).astype(m_dtype), m, v))
+    new_updates, mu, nu = (treedef.unflatten([o[i] for o in out]) for i in range(3))
+    shown_lr = jnp.exp(jnp.mean(jnp.log(lrs))) if per_layer else lrs
+    return new_updates, HypergradientAdamVariantState(
+        count, mu, nu, shown_lr.astype(jnp.float32), lrs, signal.astype(jnp.float32),
+        hyper_mu, hyper_nu)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,14 +1,19 @@
 """A learned learning-rate controller as an optax transform and a stateful schedule.
 
-The controller is a small Flax MLP over scale-free training-state features. Its
-weights ``theta`` live in the optimizer state, so ``jax.grad`` through an unroll
-of training steps reaches them.
+The controller is a small Flax network over scale-free training-state features:
+an MLP (:class:`LRController`) or an LSTM (:class:`LSTMController`, whose memory
+travels in the optimizer state beside the features). Its weights ``theta`` live
+in the optimizer state too, so ``jax.grad`` through an unroll of training steps
+reaches them. With ``update_every=N`` the controller decides once per ``N`` steps
+and the LR is held in between.
 
 A controller travels as a folder of two files (:func:`save_controller`,
 :func:`load_controller`): ``lr_controller.msgpack`` (the weights) and
-``lr_controller.json`` (format version, network shape, feature names, the LR
-and the bounds it was trained with). :func:`pretrained_lr` deploys one, by
-default the controller shipped with metaopt.
+``lr_controller.json`` (format version, network kind and shape, feature names,
+the LR, the bounds and the update interval it was trained with). An MLP that
+decides every step is written as format version 1, exactly as before; an LSTM
+or an update interval above 1 needs version 2. :func:`pretrained_lr` deploys
+one, by default the controller shipped with metaopt.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ import optax
 from flax import serialization
 
 from metaopt.schedules.common import check_float_updates, current_lr, scale_by_lr
-from metaopt.validation import check_int, check_number, check_positive, renamed, required
+from metaopt.validation import (check_choice, check_int, check_number, check_positive, renamed,
+                                required)
 
 PyTree = Any
 
@@ -74,8 +80,74 @@ class LRController(nn.Module):
     return nn.Dense(1, kernel_init=nn.initializers.zeros)(x)[..., 0]
 
 
+class LSTMController(nn.Module):
+  """Recurrent controller: stacked LSTM cells (one per entry of ``hidden``) over
+  :data:`FEATURE_NAMES`, then a raw log-LR multiplier.
+
+  ``__call__(features, memory) -> (raw, memory)``. The memory holds each layer's
+  ``(c, h)``; it starts at :meth:`initial_memory` (zeros) and is carried in the
+  optimizer state (``LearnedLRState.memory``). The output layer starts at zero, so
+  an untrained controller keeps ``base_lr``.
+  """
+  hidden: Sequence[int] = (16,)
+
+  @nn.compact
+  def __call__(self, features: jax.Array, memory: PyTree) -> tuple[jax.Array, PyTree]:
+    x, carries = features, []
+    for width, carry in zip(self.hidden, memory, strict=True):
+      carry, x = nn.OptimizedLSTMCell(width)(carry, x)
+      carries.append(carry)
+    return nn.Dense(1, kernel_init=nn.initializers.zeros)(x)[..., 0], tuple(carries)
+
+  def initial_memory(self) -> PyTree:
+    """The memory before the first step: zero ``(c, h)`` per layer, float32."""
+    return tuple((jnp.zeros((w,), jnp.float32), jnp.zeros((w,), jnp.float32))
+                 for w in self.hidden)
+
+
+CONTROLLERS = {"mlp": LRController, "lstm": LSTMController}  # kind -> Flax module
+
+
+def make_controller(kind: str = "mlp", hidden: Sequence[int] = (32, 32)) -> nn.Module:
+  """The controller of ``kind`` (``"mlp"`` or ``"lstm"``, :data:`CONTROLLERS`) with
+  layer widths ``hidden``."""
+  kind = check_choice("controller", kind, CONTROLLERS)
+  return CONTROLLERS[kind](hidden=tuple(check_int("hidden", h) for h in hidden))
+
+
+def controller_kind(controller: nn.Module) -> str:
+  """``"mlp"`` or ``"lstm"``: the :data:`CONTROLLERS` entry ``controller`` is."""
+  for kind, cls in CONTROLLERS.items():
+    if type(controller) is cls:
+      return kind
+  raise ValueError(f"controller must be one of {', '.join(c.__name__ for c in CONTROLLERS.values())}"
+                   f" to be saved, got {controller!r}")
+
+
+def is_recurrent(controller) -> bool:
+  """Whether ``controller`` carries a memory (it has an ``initial_memory()`` method)."""
+  return callable(getattr(controller, "initial_memory", None))
+
+
+def controller_memory(controller) -> PyTree:
+  """The memory a controller starts with: ``controller.initial_memory()`` for a
+  recurrent one, ``()`` (no leaves) for a feed-forward one or a plain callable."""
+  return controller.initial_memory() if is_recurrent(controller) else ()
+
+
+def apply_controller(controller, theta: PyTree, features: jax.Array,
+                     memory: PyTree = ()) -> tuple[jax.Array, PyTree]:
+  """One decision of any controller: ``(raw log-LR output, next memory)``. A feed-forward
+  controller (Flax module or callable ``(theta, features) -> raw``) returns ``memory``
+  unchanged."""
+  return _controller_apply(controller)(theta, features, memory)
+
+
 def init_controller(key: jax.Array, controller: nn.Module = LRController()) -> PyTree:
   """Fresh controller weights ``theta`` (an untrained controller keeps base_lr)."""
+  if is_recurrent(controller):
+    return controller.init(key, jnp.zeros((NUM_FEATURES,)),
+                           controller_memory(controller))["params"]
   return controller.init(key, jnp.zeros((NUM_FEATURES,)))["params"]
 
 
@@ -93,10 +165,12 @@ class LRFeatureState(NamedTuple):
 
 
 class LearnedLRState(NamedTuple):
-  """State of :func:`scale_by_learned_lr`: controller weights, features, current LR."""
+  """State of :func:`scale_by_learned_lr`: controller weights, features, current LR,
+  and the controller's memory (``()`` for a feed-forward controller)."""
   theta: PyTree
   features: LRFeatureState
   learning_rate: jax.Array  # the LR applied at the latest step
+  memory: PyTree = ()       # a recurrent controller's state, e.g. LSTMController's (c, h)
 
 
 class ControllerSpec(NamedTuple):
@@ -106,38 +180,45 @@ class ControllerSpec(NamedTuple):
   traced (``optax.inject_hyperparams`` under ``jit``, or ``jax.grad`` with
   respect to them).
   """
-  apply: Callable[[PyTree, jax.Array], jax.Array]
+  apply: Callable[[PyTree, jax.Array, PyTree], tuple[jax.Array, PyTree]]  # (theta, x, memory)
   base_lr: Union[float, jax.Array]
   log_min: Union[float, jax.Array]         # lower bound of log(lr / base_lr)
   log_max: Union[float, jax.Array]         # upper bound of log(lr / base_lr)
   max_log_change: Union[float, jax.Array]  # largest |change| of log(lr) in one step
   response_time: Union[float, jax.Array]   # time to follow the target, in total_steps
   min_response_steps: Union[float, jax.Array]
+  update_every: int = 1  # the controller decides once per this many steps (a Python int)
 
 
-def _controller_apply(controller) -> Callable[[PyTree, jax.Array], jax.Array]:
+def _controller_apply(controller) -> Callable[[PyTree, jax.Array, PyTree],
+                                              tuple[jax.Array, PyTree]]:
+  """``(theta, features, memory) -> (raw, memory)`` for any controller."""
   if isinstance(controller, nn.Module):
-    return lambda theta, x: controller.apply({"params": theta}, x)
+    if is_recurrent(controller):
+      return lambda theta, x, memory: controller.apply({"params": theta}, x, memory)
+    return lambda theta, x, memory: (controller.apply({"params": theta}, x), memory)
   if callable(controller):
-    return controller
+    return lambda theta, x, memory: (controller(theta, x), memory)
   raise ValueError(f"controller must be a flax Module or a callable, got {controller!r}")
 
 
 def _spec(controller, *, base_lr, min_lr_factor, max_lr_factor, max_log_change,
-          response_time, min_response_steps, caller: str):
+          response_time, min_response_steps, caller: str, update_every: int = 1):
   """Concrete settings are checked and kept as Python floats (so float32 runs are
   bit for bit what they were); traced ones are taken as float32 arrays. Errors
   name ``caller``, the function the user called."""
   try:
     return _checked_spec(controller, base_lr=base_lr, min_lr_factor=min_lr_factor,
                          max_lr_factor=max_lr_factor, max_log_change=max_log_change,
-                         response_time=response_time, min_response_steps=min_response_steps)
+                         response_time=response_time, min_response_steps=min_response_steps,
+                         update_every=update_every)
   except ValueError as e:
     raise ValueError(f"{caller}: {e}") from None
 
 
 def _checked_spec(controller, *, base_lr, min_lr_factor, max_lr_factor, max_log_change,
-                  response_time, min_response_steps):
+                  response_time, min_response_steps, update_every=1):
+  every = check_int("update_every", update_every)
   base = check_positive("learning_rate", base_lr, traced_ok=True)
   change = check_positive("max_log_change", max_log_change, traced_ok=True)
   response = check_positive("response_time", response_time, traced_ok=True)
@@ -163,10 +244,11 @@ def _checked_spec(controller, *, base_lr, min_lr_factor, max_lr_factor, max_log_
   return ControllerSpec(_controller_apply(controller), value(base, base_lr),
                         log(low, min_lr_factor), log(high, max_lr_factor),
                         value(change, max_log_change), value(response, response_time),
-                        value(min_steps, min_response_steps))
+                        value(min_steps, min_response_steps), every)
 
 
-def init_lr_state(theta: PyTree, *, base_lr: float, total_steps) -> LearnedLRState:
+def init_lr_state(theta: PyTree, *, base_lr: float, total_steps,
+                  memory: PyTree = ()) -> LearnedLRState:
   nan = jnp.full((), jnp.nan, jnp.float32)
   zero = jnp.zeros((), jnp.float32)
   features = LRFeatureState(
@@ -175,7 +257,7 @@ def init_lr_state(theta: PyTree, *, base_lr: float, total_steps) -> LearnedLRSta
       initial_loss=zero, loss_emas=jnp.zeros((len(LOSS_EMA_DECAYS),), jnp.float32),
       initial_norm=zero, norm_ema=zero, last_norm=zero, initial_val_loss=nan,
       min_loss=jnp.full((), jnp.inf, jnp.float32))
-  return LearnedLRState(theta, features, jnp.asarray(base_lr, jnp.float32))
+  return LearnedLRState(theta, features, jnp.asarray(base_lr, jnp.float32), memory)
 
 
 def _log_ratio(a, b):
@@ -275,26 +357,42 @@ def advance(state: LearnedLRState, spec: ControllerSpec, *, loss, norm=None,
   ``log(lr)`` moves a fraction ``1 / response_steps`` of the way to the
   controller's bounded target each step (a smooth, never-saturating rate limit),
   and by at most ``max_log_change``. A non-finite ``loss`` or controller output
-  keeps the previous LR and features, so a NaN in the inner run never becomes a
-  NaN learning rate.
+  keeps the previous LR, features and memory, so a NaN in the inner run never
+  becomes a NaN learning rate.
+
+  With ``spec.update_every = N > 1`` the features still update every step, but the
+  controller decides (and its memory advances) only at steps ``0, N, 2N, ...``;
+  each decision moves the LR as far as ``N`` steps of following a fixed target
+  would, and the LR is held until the next one.
   """
   loss = jnp.asarray(loss, jnp.float32)
   ok = jnp.isfinite(loss)
   safe_loss = jnp.where(ok, loss, 1.0)
   features, new_f = controller_features(state, spec, safe_loss, norm, val_loss)
-  raw = jnp.asarray(spec.apply(state.theta, features), jnp.float32).reshape(())
+  raw, memory = spec.apply(state.theta, features, state.memory)
+  raw = jnp.asarray(raw, jnp.float32).reshape(())
   target = _bounded(_finite_or(raw, 0.0), spec.log_min, spec.log_max)
   prev = jnp.log(state.learning_rate / spec.base_lr)
   response_steps = jnp.maximum(spec.min_response_steps,
                                spec.response_time * state.features.total_steps)
-  change = jnp.clip((target - prev) / response_steps,
-                    -spec.max_log_change, spec.max_log_change)
+  every = spec.update_every
+  if every == 1:
+    change = jnp.clip((target - prev) / response_steps,
+                      -spec.max_log_change, spec.max_log_change)
+  else:
+    # N steps toward a fixed target, compounded, and N steps' worth of the bound.
+    follow = 1 - (1 - 1 / response_steps) ** every
+    change = jnp.clip((target - prev) * follow,
+                      -every * spec.max_log_change, every * spec.max_log_change)
   ok = ok & jnp.isfinite(raw)
-  new_lr = jnp.where(ok, spec.base_lr * jnp.exp(prev + change), state.learning_rate)
+  decide = ok if every == 1 else ok & (state.features.count % every == 0)
+  new_lr = jnp.where(decide, spec.base_lr * jnp.exp(prev + change), state.learning_rate)
   keep = lambda new, old: jnp.where(ok, new, old)
   new_f = jax.tree.map(keep, new_f, state.features)
   new_f = new_f._replace(count=state.features.count + 1)  # steps still count
-  return LearnedLRState(state.theta, new_f, new_lr.astype(jnp.float32))
+  memory = jax.tree.map(lambda new, old: jnp.where(decide, new, old).astype(old.dtype),
+                        memory, state.memory)
+  return LearnedLRState(state.theta, new_f, new_lr.astype(jnp.float32), memory)
 
 
 def _training_loss(value, caller: str) -> jax.Array:
@@ -321,6 +419,7 @@ def scale_by_learned_lr(
     response_time: float = DEFAULT_SETTINGS["response_time"],
     min_response_steps: float = DEFAULT_SETTINGS["min_response_steps"],
     base_lr: Optional[float] = None,
+    update_every: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Scales updates by ``-lr``, with ``lr`` chosen each step by a learned controller.
 
@@ -333,7 +432,10 @@ def scale_by_learned_lr(
 
   Args:
     controller: an :class:`LRController` (any flax Module mapping the
-      :data:`FEATURE_NAMES` vector to a scalar) or ``apply(theta, features)``.
+      :data:`FEATURE_NAMES` vector to a scalar), an :class:`LSTMController` (any
+      flax Module with an ``initial_memory()`` method, called as
+      ``(features, memory) -> (scalar, memory)``; the memory is kept in the state),
+      or ``apply(theta, features)``.
     theta: the controller's weights; they are kept in the state.
     learning_rate: the LR of an untrained controller; bounds are relative to it.
     total_steps: training length, for the fraction-done feature.
@@ -341,6 +443,9 @@ def scale_by_learned_lr(
     max_log_change: bound on ``|log(lr_t / lr_{t-1})|``.
     response_time, min_response_steps: how fast the LR follows the controller.
     base_lr: the old name of ``learning_rate`` (deprecated).
+    update_every: the controller decides once per this many steps (``None`` or 1:
+      every step; the number of steps per epoch: once per epoch) and the LR is held in
+      between. A Python int >= 1 (in ``static_args`` of ``optax.inject_hyperparams``).
 
   ``update`` takes the training loss as keyword ``value`` (required: without it
   the update raises) and an optional ``val_loss``; other extra args are ignored.
@@ -352,7 +457,8 @@ def scale_by_learned_lr(
   return _learned_lr(controller, theta, learning_rate=learning_rate, total_steps=total_steps,
                      min_lr_factor=min_lr_factor, max_lr_factor=max_lr_factor,
                      max_log_change=max_log_change, response_time=response_time,
-                     min_response_steps=min_response_steps, caller="scale_by_learned_lr")
+                     min_response_steps=min_response_steps, caller="scale_by_learned_lr",
+                     update_every=1 if update_every is None else update_every)
 
 
 def _learned_lr(controller, theta, *, learning_rate, total_steps, caller: str,
@@ -362,10 +468,11 @@ def _learned_lr(controller, theta, *, learning_rate, total_steps, caller: str,
   required(caller, "total_steps", total_steps, "the length of the training run")
   spec = _spec(controller, base_lr=learning_rate, caller=caller, **settings)
   _check_total_steps(total_steps, caller)
+  memory = controller_memory(controller)
 
   def init_fn(params):
     del params
-    return init_lr_state(theta, base_lr=spec.base_lr, total_steps=total_steps)
+    return init_lr_state(theta, base_lr=spec.base_lr, total_steps=total_steps, memory=memory)
 
   def update_fn(updates, state, params=None, *, value=None, val_loss=None, **extra_args):
     del params, extra_args
@@ -416,7 +523,7 @@ class LearnedLRSchedule(optax.schedules.StatefulSchedule):
                max_log_change: float = DEFAULT_SETTINGS["max_log_change"],
                response_time: float = DEFAULT_SETTINGS["response_time"],
                min_response_steps: float = DEFAULT_SETTINGS["min_response_steps"],
-               base_lr: Optional[float] = None):
+               base_lr: Optional[float] = None, update_every: Optional[int] = None):
     name = "LearnedLRSchedule"
     learning_rate = renamed(name, "learning_rate", learning_rate, "base_lr", base_lr)
     required(name, "learning_rate", learning_rate, "the LR an untrained controller keeps")
@@ -424,10 +531,11 @@ class LearnedLRSchedule(optax.schedules.StatefulSchedule):
     self.spec = _spec(controller, base_lr=learning_rate, min_lr_factor=min_lr_factor,
                       max_lr_factor=max_lr_factor, max_log_change=max_log_change,
                       response_time=response_time, min_response_steps=min_response_steps,
-                      caller=name)
+                      caller=name, update_every=1 if update_every is None else update_every)
     _check_total_steps(total_steps, name)
     self.theta = theta
     self.total_steps = total_steps
+    self.memory = controller_memory(controller)
 
   @classmethod
   def from_file(cls, path=None, *, total_steps, learning_rate: Optional[float] = None
@@ -437,11 +545,11 @@ class LearnedLRSchedule(optax.schedules.StatefulSchedule):
     saved = load_controller(path)
     return cls(saved.controller, saved.theta, total_steps=total_steps,
                learning_rate=saved.learning_rate if learning_rate is None else learning_rate,
-               **saved.settings)
+               update_every=saved.update_every, **saved.settings)
 
   def init(self) -> LearnedLRState:
     return init_lr_state(self.theta, base_lr=self.spec.base_lr,
-                         total_steps=self.total_steps)
+                         total_steps=self.total_steps, memory=self.memory)
 
   def update(self, state: LearnedLRState, *, value=None, val_loss=None,
              grad_norm=None, **extra_args) -> LearnedLRState:
@@ -485,16 +593,19 @@ WEIGHTS_FILE = "lr_controller.msgpack"
 CONFIG_FILE = "lr_controller.json"
 PRETRAINED_WEIGHTS = PRETRAINED_DIR / WEIGHTS_FILE
 FILE_FORMAT = "metaopt-lr-controller"
-FILE_VERSION = 1
+# Version 2 adds "kind" ("mlp" | "lstm") and "update_every"; an MLP deciding every step
+# is still written as version 1, byte for byte as before, so older metaopt reads it.
+FILE_VERSION = 2
 
 
 class SavedController(NamedTuple):
   """A controller read by :func:`load_controller`."""
-  controller: LRController
+  controller: nn.Module  # an LRController or an LSTMController
   theta: PyTree
   settings: dict         # the SETTINGS keyword arguments it was trained with
   learning_rate: float   # the LR it was trained at (what an untrained controller keeps)
   info: dict             # anything else recorded with it (command, meta steps, seed)
+  update_every: int = 1  # the controller decides once per this many steps
 
 
 def _checked_settings(settings: Optional[dict], where: str) -> dict:
@@ -508,25 +619,42 @@ def _checked_settings(settings: Optional[dict], where: str) -> dict:
   return {k: float(settings[k]) for k in SETTINGS}
 
 
+def _template(controller: nn.Module) -> PyTree:
+  """The shapes and dtypes of ``controller``'s weights, without computing them."""
+  return jax.eval_shape(lambda key: init_controller(key, controller), jax.random.key(0))
+
+
 def save_controller(path: Union[str, pathlib.Path], theta: PyTree, *,
                     settings: Optional[dict] = None, hidden: Sequence[int] = (32, 32),
-                    learning_rate: float = 1e-3, info: Optional[dict] = None) -> pathlib.Path:
-  """Writes a controller to the folder ``path``: weights ``theta`` of an
-  ``LRController(hidden)``, and the ``settings`` (default :data:`DEFAULT_SETTINGS`) and
-  ``learning_rate`` it was trained with. Checked before anything is written."""
+                    learning_rate: float = 1e-3, info: Optional[dict] = None,
+                    kind: str = "mlp", update_every: int = 1) -> pathlib.Path:
+  """Writes a controller to the folder ``path``: weights ``theta`` of
+  ``make_controller(kind, hidden)`` (``kind`` ``"mlp"``: an ``LRController``, ``"lstm"``:
+  an ``LSTMController``), and the ``settings`` (default :data:`DEFAULT_SETTINGS`),
+  ``learning_rate`` and ``update_every`` it was trained with. Checked before anything
+  is written."""
   settings = _checked_settings(settings, "save_controller")
-  hidden = [check_int("hidden", h) for h in hidden]
+  try:
+    controller = make_controller(kind, hidden)
+    update_every = check_int("update_every", update_every)
+  except ValueError as e:
+    raise ValueError(f"save_controller: {e}") from None
+  hidden = list(controller.hidden)
   check_positive("save_controller: learning_rate", learning_rate)
-  template = init_controller(jax.random.key(0), LRController(hidden=tuple(hidden)))
+  template = _template(controller)
   if jax.tree.structure(template) != jax.tree.structure(theta) or any(
       jnp.shape(a) != jnp.shape(b) for a, b in zip(jax.tree.leaves(template),
                                                    jax.tree.leaves(theta))):
-    raise ValueError(f"save_controller: theta does not match LRController(hidden={hidden})")
+    raise ValueError(f"save_controller: theta does not match "
+                     f"{type(controller).__name__}(hidden={hidden})")
   path = pathlib.Path(path)
   path.mkdir(parents=True, exist_ok=True)
   (path / WEIGHTS_FILE).write_bytes(serialization.msgpack_serialize(jax.device_get(theta)))
-  config = dict(format=FILE_FORMAT, version=FILE_VERSION, hidden=hidden,
-                features=list(FEATURE_NAMES), learning_rate=float(learning_rate),
+  # Version 1 (no kind, no update_every) whenever it says everything: older readers load it.
+  extended = kind != "mlp" or update_every != 1
+  config = dict(format=FILE_FORMAT, version=FILE_VERSION if extended else 1,
+                **(dict(kind=kind, update_every=update_every) if extended else {}),
+                hidden=hidden, features=list(FEATURE_NAMES), learning_rate=float(learning_rate),
                 settings=settings, info=dict(info or {}))
   (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
   return path
@@ -559,21 +687,27 @@ def load_controller(path: Union[str, pathlib.Path, None] = None) -> SavedControl
     raise ValueError(f"controller in {path} was trained on features "
                      f"{config['features']}, this version computes {list(FEATURE_NAMES)}")
   settings = _checked_settings(config["settings"], str(config_path))
-  controller = LRController(hidden=tuple(config["hidden"]))
-  template = init_controller(jax.random.key(0), controller)
+  # Version 1 files are MLPs deciding every step.
+  try:
+    controller = make_controller(config.get("kind", "mlp"), config["hidden"])
+    update_every = check_int("update_every", config.get("update_every", 1))
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"{config_path}: {e}") from None
+  name = f"{type(controller).__name__}(hidden={config['hidden']})"
+  template = _template(controller)
   try:
     theta = serialization.from_state_dict(
         template, serialization.msgpack_restore(weights.read_bytes()))
   except Exception as e:  # msgpack and flax raise several types on a damaged file
-    raise ValueError(f"{weights} does not hold the weights of LRController(hidden="
-                     f"{config['hidden']}): {type(e).__name__}") from None
+    raise ValueError(f"{weights} does not hold the weights of {name}: "
+                     f"{type(e).__name__}") from None
   theta = jax.tree.map(jnp.asarray, theta)
   for a, b in zip(jax.tree.leaves(template), jax.tree.leaves(theta)):
     if a.shape != b.shape:
       raise ValueError(f"{weights} holds an array of shape {b.shape} where "
-                       f"LRController(hidden={config['hidden']}) has {a.shape}")
+                       f"{name} has {a.shape}")
   return SavedController(controller, theta, settings, float(config["learning_rate"]),
-                         dict(config.get("info", {})))
+                         dict(config.get("info", {})), update_every)
 
 
 def pretrained_lr(path: Union[str, pathlib.Path, None] = None, *,
@@ -584,6 +718,7 @@ def pretrained_lr(path: Union[str, pathlib.Path, None] = None, *,
                   response_time: Optional[float] = None,
                   min_response_steps: Optional[float] = None,
                   base_lr: Optional[float] = None,
+                  update_every: Optional[int] = None,
                   ) -> optax.GradientTransformationExtraArgs:
   """:func:`scale_by_learned_lr` with a saved controller: by default the one shipped with
   metaopt, or the folder ``path`` (:func:`save_controller`).
@@ -591,8 +726,8 @@ def pretrained_lr(path: Union[str, pathlib.Path, None] = None, *,
   ``optax.chain(optax.scale_by_adam(), metaopt.pretrained_lr(total_steps=5000))``
   gives a learned schedule with no meta-training. See ``docs/benchmarks.md`` for
   how the shipped weights were trained and how well they transfer.
-  ``learning_rate`` and each of the :data:`SETTINGS` left at ``None`` are those the
-  controller was trained with. Every argument is named, so
+  ``learning_rate``, ``update_every`` and each of the :data:`SETTINGS` left at ``None``
+  are those the controller was trained with. Every argument is named, so
   ``optax.inject_hyperparams(pretrained_lr)`` can inject them.
   """
   learning_rate = renamed("pretrained_lr", "learning_rate", learning_rate, "base_lr", base_lr)
@@ -604,4 +739,5 @@ def pretrained_lr(path: Union[str, pathlib.Path, None] = None, *,
   return _learned_lr(
       saved.controller, saved.theta, total_steps=total_steps,
       learning_rate=saved.learning_rate if learning_rate is None else learning_rate,
+      update_every=saved.update_every if update_every is None else update_every,
       caller="pretrained_lr", **settings)

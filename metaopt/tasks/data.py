@@ -139,7 +139,7 @@ def _check_fractions(val_fraction: float, test_fraction: float) -> None:
     )
 
 
-def _split_indices(
+def split_indices(
     y: np.ndarray, seed: int, val_fraction: float, test_fraction: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Stratified (train, val, test) index arrays that partition range(len(y))."""
@@ -172,6 +172,11 @@ def register_dataset(name: str, load: Callable[..., Dataset], *, num_examples: i
   REGISTERED[name] = Registered(load, int(num_examples), modality)
 
 
+def is_image_dataset(name: str) -> bool:
+  """True for the built-in image sets and for registered datasets of modality "image"."""
+  return name in IMAGE_SHAPES or (name in REGISTERED and REGISTERED[name].modality == "image")
+
+
 def dataset_names() -> tuple[str, ...]:
   """Every dataset ``load_dataset`` knows: the offline classification suite
   (:data:`DATASETS`) and the registered ones."""
@@ -184,7 +189,7 @@ def num_train_examples(name: str, *, val_fraction: float = 0.2, test_fraction: f
   _check_fractions(val_fraction, test_fraction)
   # Split sizes depend only on the count, so constant labels give the same sizes.
   count = REGISTERED[name].num_examples if name in REGISTERED else NUM_EXAMPLES[name]
-  train, _, _ = _split_indices(np.zeros(count), 0, val_fraction, test_fraction)
+  train, _, _ = split_indices(np.zeros(count), 0, val_fraction, test_fraction)
   return len(train)
 
 
@@ -198,7 +203,7 @@ def load_dataset(
     return REGISTERED[name].load(seed=seed, val_fraction=val_fraction,
                                  test_fraction=test_fraction)
   x, y = raw_examples(name, seed if name in _SEEDED else 0)
-  train, val, test = _split_indices(y, seed, val_fraction, test_fraction)
+  train, val, test = split_indices(y, seed, val_fraction, test_fraction)
 
   image_shape = IMAGE_SHAPES.get(name)
   if image_shape is not None:

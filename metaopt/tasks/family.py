@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from metaopt.tasks import objectives
-from metaopt.tasks.data import (IMAGE_SHAPES, Dataset, dataset_names, load_dataset,
+from metaopt.tasks.data import (Dataset, dataset_names, is_image_dataset, load_dataset,
                                 num_train_examples)
 from metaopt.tasks.models import model_kinds, make_model
 from metaopt.validation import check_choice, check_int, check_seed
@@ -91,11 +91,13 @@ class Task:
     """Whether the model keeps state besides its parameters (BatchNorm statistics)."""
     return bool(jax.eval_shape(self.init_state, jax.random.PRNGKey(0)))
 
-  def _apply(self, params, model_state, x, *, train: bool, dropout_rate=None, key=None):
-    """``(outputs, new_model_state)``; dropout with masks from ``key`` when a rate is given."""
+  def _apply(self, params, model_state, x, *, train: bool, dropout_rate=None, key=None,
+             model_kwargs=None):
+    """``(outputs, new_model_state)``; dropout with masks from ``key`` when a rate is given;
+    ``model_kwargs``: more keyword arguments of the model's call (``active_depth``)."""
     variables = {"params": params, **(model_state or {})}
     args = (x,) if dropout_rate is None else (x, dropout_rate)
-    kw = {}
+    kw = dict(model_kwargs or {})
     if dropout_rate is not None:
       if key is None:
         raise ValueError("dropout needs a PRNG key: pass key= with dropout_rate=")
@@ -113,34 +115,36 @@ class Task:
     return jnp.sum(losses * batch["weight"]) / jnp.maximum(jnp.sum(batch["weight"]), 1.0)
 
   def loss(self, params: Any, batch: dict[str, Any], *, dropout_rate: Any = None,
-           key: jax.Array | None = None) -> jax.Array:
+           key: jax.Array | None = None, model_kwargs: dict | None = None) -> jax.Array:
     """Mean loss on batch = {"x", "y"} (and optional per-example "weight"), for a model
     without state (a stateful one trains through :meth:`loss_and_state`).
 
     Weights let one compiled program train with any batch size up to the
     sampled one: a 0/1 mask over a larger sampled batch. With ``dropout_rate``
     (may be traced) the model drops activations with masks drawn from ``key``.
+    ``model_kwargs`` (may be traced) go to the model's call, e.g. ``active_depth``.
     """
     if self.stateful:
       raise ValueError(f"model {self.config.model!r} keeps state (BatchNorm statistics): "
                        "train it with Task.loss_and_state")
     outputs, _ = self._apply(params, None, batch["x"], train=True, dropout_rate=dropout_rate,
-                             key=key)
+                             key=key, model_kwargs=model_kwargs)
     return self._mean_loss(outputs, batch)
 
   def loss_and_state(self, params: Any, model_state: dict, batch: dict[str, Any], *,
-                     dropout_rate: Any = None, key: jax.Array | None = None
-                     ) -> tuple[jax.Array, dict]:
+                     dropout_rate: Any = None, key: jax.Array | None = None,
+                     model_kwargs: dict | None = None) -> tuple[jax.Array, dict]:
     """``(mean loss, new model state)`` of a training step (batch statistics updated)."""
     outputs, model_state = self._apply(params, model_state, batch["x"], train=True,
-                                       dropout_rate=dropout_rate, key=key)
+                                       dropout_rate=dropout_rate, key=key,
+                                       model_kwargs=model_kwargs)
     return self._mean_loss(outputs, batch), model_state
 
-  def metrics(self, params: Any, x: Any, y: Any, model_state: dict | None = None
-              ) -> dict[str, jax.Array]:
+  def metrics(self, params: Any, x: Any, y: Any, model_state: dict | None = None, *,
+              model_kwargs: dict | None = None) -> dict[str, jax.Array]:
     """Mean loss and the objective's metrics (always ``accuracy``) over a whole split,
     in inference mode (running BatchNorm statistics)."""
-    outputs, _ = self._apply(params, model_state, x, train=False)
+    outputs, _ = self._apply(params, model_state, x, train=False, model_kwargs=model_kwargs)
     return {"loss": self.objective.losses(outputs, y).mean(), **self.objective.metrics(outputs, y)}
 
   def sample_batch(
@@ -169,9 +173,10 @@ def check_task_config(config: TaskConfig) -> TaskConfig:
   for label in ("width", "depth", "batch_size", "total_steps"):
     check_int(label, getattr(config, label))
   check_seed("seed", config.seed)
-  if config.model == "cnn" and config.dataset not in IMAGE_SHAPES:
+  if config.model == "cnn" and not is_image_dataset(config.dataset):
     raise ValueError(
-        f"model 'cnn' needs an image dataset ({', '.join(IMAGE_SHAPES)}), "
+        f"model 'cnn' needs an image dataset "
+        f"({', '.join(n for n in dataset_names() if is_image_dataset(n))}), "
         f"got {config.dataset!r}; use 'mlp'"
     )
   return config
@@ -222,7 +227,7 @@ class TaskFamily(NamedTuple):
     # One draw for all fields: a single dispatch, and every field depends on the key.
     draws = [int(i) for i in jax.random.randint(key, (len(bounds),), 0, bounds)]
     dataset, model, width, depth, batch_size, steps = (c[i] for c, i in zip(choices, draws))
-    if model == "cnn" and dataset not in IMAGE_SHAPES:
+    if model == "cnn" and not is_image_dataset(dataset):
       model = "mlp"
     return TaskConfig(
         dataset=dataset,

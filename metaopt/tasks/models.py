@@ -3,6 +3,13 @@
 Every classifier takes ``dropout_rate`` (None: no dropout). The rate may be a
 traced value, so runs with different rates share one compiled program; the
 dropout mask needs a ``"dropout"`` rng at ``apply``.
+
+Masked depth: the families of :data:`DEPTH_MASKED` also take ``active_depth`` (may be
+traced, at least 1): a model built with ``depth=D`` then runs only its first
+``active_depth`` layers and passes its input through the others (the stem and the head
+always run). With the parameters of a shallower model zero-padded by :func:`pad_depth`,
+it computes that model's function and gradients (the padded parameters get zero
+gradients), so runs of any depth up to D share one compiled program.
 """
 
 from __future__ import annotations
@@ -32,6 +39,11 @@ def register_model(kind: str, build: Callable[..., nn.Module]) -> None:
 def model_kinds() -> tuple[str, ...]:
   """Every model ``make_model`` builds: :data:`MODEL_KINDS` and the registered ones."""
   return MODEL_KINDS + tuple(MODEL_BUILDERS)
+
+
+# Families whose calls take ``active_depth`` (the cnn's blocks change the channel count
+# and the spatial size, so a block cannot be the identity).
+DEPTH_MASKED: tuple[str, ...] = ("mlp", "rnn", "transformer")
 MAX_TOKENS = 16  # sequence length a flat (non-image) input is cut into for rnn/transformer
 
 
@@ -41,6 +53,11 @@ def dropout(module: nn.Module, x: jnp.ndarray, rate) -> jnp.ndarray:
     return x
   keep = jax.random.uniform(module.make_rng("dropout"), x.shape) >= rate
   return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
+def _skip(i: int, active_depth, new: jnp.ndarray, old: jnp.ndarray) -> jnp.ndarray:
+  """Layer ``i``'s output, or its input once ``i`` is at or past ``active_depth``."""
+  return new if active_depth is None else jnp.where(i < active_depth, new, old)
 
 
 def as_tokens(x: jnp.ndarray, image_shape: tuple[int, ...] | None) -> jnp.ndarray:
@@ -65,10 +82,11 @@ class MLP(nn.Module):
   num_classes: int
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, dropout_rate=None) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, dropout_rate=None, active_depth=None) -> jnp.ndarray:
     x = x.reshape((x.shape[0], -1))
-    for width in self.hidden:
-      x = dropout(self, nn.relu(nn.Dense(width)(x)), dropout_rate)
+    for i, width in enumerate(self.hidden):
+      y = dropout(self, nn.relu(nn.Dense(width)(x)), dropout_rate)
+      x = y if i == 0 else _skip(i, active_depth, y, x)  # the first changes the width
     return nn.Dense(self.num_classes)(x)
 
 
@@ -100,10 +118,11 @@ class RNN(nn.Module):
   image_shape: tuple[int, ...] | None = None
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, dropout_rate=None) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, dropout_rate=None, active_depth=None) -> jnp.ndarray:
     h = as_tokens(x, self.image_shape)
-    for _ in range(self.depth):
-      h = dropout(self, nn.RNN(nn.GRUCell(self.width))(h), dropout_rate)
+    for i in range(self.depth):
+      y = dropout(self, nn.RNN(nn.GRUCell(self.width))(h), dropout_rate)
+      h = y if i == 0 else _skip(i, active_depth, y, h)  # the first changes the width
     return nn.Dense(self.num_classes)(h[:, -1])
 
 
@@ -117,15 +136,15 @@ class Transformer(nn.Module):
   image_shape: tuple[int, ...] | None = None
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, dropout_rate=None) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, dropout_rate=None, active_depth=None) -> jnp.ndarray:
     tokens = as_tokens(x, self.image_shape)
     pos = self.param("position", nn.initializers.normal(0.02), tokens.shape[1:2] + (self.width,))
     h = nn.Dense(self.width)(tokens) + pos
-    for _ in range(self.depth):
+    for i in range(self.depth):
       a = nn.MultiHeadDotProductAttention(num_heads=self.heads)(nn.LayerNorm()(h))
-      h = h + dropout(self, a, dropout_rate)
-      m = nn.Dense(self.width)(nn.gelu(nn.Dense(2 * self.width)(nn.LayerNorm()(h))))
-      h = h + dropout(self, m, dropout_rate)
+      y = h + dropout(self, a, dropout_rate)
+      m = nn.Dense(self.width)(nn.gelu(nn.Dense(2 * self.width)(nn.LayerNorm()(y))))
+      h = _skip(i, active_depth, y + dropout(self, m, dropout_rate), h)
     return nn.Dense(self.num_classes)(nn.LayerNorm()(h).mean(axis=1))
 
 
@@ -166,6 +185,26 @@ def make_model(
       image_shape=tuple(image_shape),
       channels=tuple(width * 2**i for i in range(depth)),
   )
+
+
+def pad_depth(kind: str, params: dict, like: dict, *, depth: int, max_depth: int) -> dict:
+  """The parameters of a ``depth``-layer model of a :data:`DEPTH_MASKED` family, laid out
+  as the ``max_depth``-layer model's (``like``: its parameters or their shapes): the
+  head (and the transformer's final LayerNorm) moved to the deep model's names, the
+  missing layers zeros. Call that model with ``active_depth=depth``."""
+  check_choice("model", kind, DEPTH_MASKED)
+  check_int("max_depth", max_depth, low=check_int("depth", depth))
+  moved = {"mlp": {f"Dense_{depth}": f"Dense_{max_depth}"},
+           "rnn": {},
+           "transformer": {f"LayerNorm_{2 * depth}": f"LayerNorm_{2 * max_depth}",
+                           f"Dense_{2 * depth + 1}": f"Dense_{2 * max_depth + 1}"}}[kind]
+  source = {new: old for old, new in moved.items()}
+  zeros = lambda tree: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), tree)
+  out = {}
+  for name, target in like.items():
+    old = source.get(name, None if name in moved else name)
+    out[name] = params[old] if old in params else zeros(target)
+  return out
 
 
 class Conv4(nn.Module):

@@ -21,6 +21,7 @@ from metaopt.validation import check_int
 
 # Plan names (issue 4) -> tensorflow-datasets builder names. tfds names are accepted too.
 TFDS_NAMES: dict[str, str] = {
+    "cifar10": "cifar10",
     "cifar100": "cifar100",
     "caltech101": "caltech101",
     "flowers102": "oxford_flowers102",
@@ -48,6 +49,7 @@ TRANSFER_SPLITS: dict[str, tuple[str, ...]] = {
 
 # The split expression that holds every example of a dataset (few-shot splits by class).
 ALL_SPLITS: dict[str, str] = {
+    "cifar10": "train+test",
     "cifar100": "train+test",
     "caltech101": "train+test",
     "oxford_flowers102": "train+validation+test",
@@ -63,6 +65,14 @@ LABEL_KEYS: dict[str, str] = {name: "label" for name in ALL_SPLITS}
 
 # Known obstacles to preparing a dataset, added to the missing-data message.
 DOWNLOAD_NOTES: dict[str, str] = {
+    "cifar10": (
+        "without internet, put the downloaded cifar-10-binary.tar.gz in a folder M and add "
+        "--manual_dir M"
+    ),
+    "cifar100": (
+        "without internet, put the downloaded cifar-100-binary.tar.gz in a folder M and add "
+        "--manual_dir M"
+    ),
     "cars196": (
         "the upstream URL (ai.stanford.edu/~jkrause) returns 404 "
         "(github.com/tensorflow/datasets/issues/5053); obtain the files elsewhere and pass "
@@ -70,9 +80,13 @@ DOWNLOAD_NOTES: dict[str, str] = {
     ),
 }
 
+# Text and speech sets: their loaders (metaopt.tasks.text, metaopt.tasks.speech) read
+# them through open_source too; they are not class pools, so not in ALL_SPLITS.
+SEQUENCE_SETS: tuple[str, ...] = ("imdb_reviews", "glue/sst2", "librispeech")
+
 DATASETS: tuple[str, ...] = tuple(TFDS_NAMES) + tuple(
     n for n in TFDS_NAMES.values() if n not in TFDS_NAMES
-)
+) + SEQUENCE_SETS
 
 
 DATA_EXTRA = ("tensorflow_datasets", "grain")
@@ -93,7 +107,7 @@ def tfds_name(name: str) -> str:
     raise ValueError(f"dataset {name!r} is not available: {MISSING[name]}")
   if name in TFDS_NAMES:
     return TFDS_NAMES[name]
-  if name in TFDS_NAMES.values():
+  if name in TFDS_NAMES.values() or name in SEQUENCE_SETS:
     return name
   raise ValueError(
       f"unknown dataset {name!r}; accepted: {', '.join(DATASETS)} "
@@ -112,7 +126,8 @@ def _missing_message(name: str, split: str, data_dir) -> str:
   msg = (
       f"dataset {name!r} (split {split!r}) is not prepared in data_dir {where!r}; prepare it "
       f"with `tfds build {name} --data_dir {where} --file_format=array_record` "
-      "(array_record is required by tfds.data_source) or point data_dir at a prepared copy"
+      "(array_record is required by tfds.data_source; building needs `pip install tensorflow`, "
+      "reading does not) or point data_dir at a prepared copy"
   )
   if name in DOWNLOAD_NOTES:
     msg += f"; note: {DOWNLOAD_NOTES[name]}"
@@ -125,6 +140,8 @@ def open_source(name: str, *, split: str, data_dir=None):
   import tensorflow_datasets as tfds  # the optional `data` extra; 0.4 s to import
 
   tname = tfds_name(name)
+  if tname.startswith("glue/"):
+    import tensorflow_datasets.text.glue  # noqa: F401  the `data` extra; registers glue (25 ms)
   data_dir = None if data_dir is None else os.fspath(data_dir)
   try:
     return tfds.data_source(tname, split=split, data_dir=data_dir, download=False)
