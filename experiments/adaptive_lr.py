@@ -264,10 +264,17 @@ def table_rows(results: dict) -> list[dict]:
           "wall s": methods[m]["wall_time"],
           "us/step": 1e6 * per_step, "step time / Adam": per_step / base_step,
           "LR var": var, "LR TV": tv,
-          "final LR": float(np.nanmean([lr[min(int(s), len(lr)) - 1] for lr, s in
-                                        zip(c.learning_rate, c.stopped_at)])),
+          "final LR": _nan_mean([lr[min(int(s), len(lr)) - 1] for lr, s in
+                                 zip(c.learning_rate, c.stopped_at)]),
       })
   return rows
+
+
+def _nan_mean(values) -> float:
+  """Mean of the finite values; NaN (without a warning) when there are none, as for
+  optimizers that report no LR."""
+  values = np.asarray(values, np.float64)
+  return float(values[np.isfinite(values)].mean()) if np.isfinite(values).any() else float("nan")
 
 
 COLUMNS = ("task", "method", "test acc", "acc std", "test loss", "loss std", "epochs to target",
