@@ -55,17 +55,3 @@ def store_url(new_store_url):
   """A fresh, empty store on the test's backend: an SQLite path or a postgresql:// URL."""
   return new_store_url()
 
-
-# ------------------------------------------------------------------------------ ordering
-# The longest tests (subprocesses, whole experiments) start first, so neither xdist
-# worker is left running one of them alone at the end of the session.
-LONGEST = ("test_kill_9_and_damage_then_resume_give_the_uninterrupted_result",
-           "test_run_writes_report_results_and_plots",
-           "test_cli_adaptive_lr_quick_writes_report_results_and_plots",
-           "test_tiny_experiment_end_to_end", "test_sharded_meta_training_equals_one_device",
-           "test_report_has_every_method_with_confidence_intervals",
-           "test_run_controllers_end_to_end")
-
-
-def pytest_collection_modifyitems(config, items):
-  items.sort(key=lambda item: item.originalname not in LONGEST)  # stable: order kept otherwise
