@@ -26,8 +26,8 @@ from metaopt import config as config_lib
 from metaopt import report
 from metaopt.experiments.lr_schedule import SELF_TUNING_LABELS
 from metaopt.experiments.protocol import (TTT_COLUMNS, Result, best_index, curve_rows, finish,
-                                          lr_curve, plot_method_curves, seed_keys,
-                                          time_to_target, train_and_record)
+                                          lr_curve, lr_stability, plot_method_curves,
+                                          seed_keys, time_to_target, train_and_record)
 from metaopt.schedules import learned_lr
 from metaopt.schedules.baselines import SELF_TUNING, self_tuning, unit_schedule
 from metaopt.schedules.hypergradient import hypergradient_adam, hypergradient_sgd
@@ -218,19 +218,6 @@ def evaluate_task(config: Config, dataset: str, store=None) -> dict:
   return out
 
 
-def _lr_stability(curves) -> tuple[float, float]:
-  """Mean over seeds of the variance and total variation of the LR while training."""
-  var, tv = [], []
-  for lr, stopped in zip(curves.learning_rate, curves.stopped_at):
-    lr = lr[:max(int(stopped), 1)]
-    lr = lr[np.isfinite(lr)].astype(np.float64)
-    if not len(lr):
-      return float("nan"), float("nan")
-    var.append(np.var(lr))
-    tv.append(np.abs(np.diff(lr)).sum())
-  return float(np.mean(var)), float(np.mean(tv))
-
-
 def _epochs_to(curves, target: float) -> tuple[Optional[float], int]:
   """Mean first epoch with val loss <= target over the seeds that reach it, and how many do."""
   hits = [np.nonzero(loss <= target)[0] for loss in curves.val_loss]
@@ -252,7 +239,7 @@ def table_rows(results: dict) -> list[dict]:
       c = methods[m]["curves"]
       epochs, reached = _epochs_to(c, target)
       per_step = methods[m]["wall_time"] / (methods[m]["runs"] * r["steps"])
-      var, tv = _lr_stability(c)
+      var, tv = lr_stability(c)
       rows.append({
           "task": dataset, "method": LABELS[m],
           "test acc": float(c.test_accuracy[:, -1].mean()),

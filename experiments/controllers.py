@@ -33,7 +33,7 @@ import optax
 from metaopt import config as config_lib
 from metaopt import report
 from metaopt.experiments import lr_schedule
-from metaopt.experiments.protocol import (Result, curve_rows, finish, lr_curve,
+from metaopt.experiments.protocol import (Result, curve_rows, finish, lr_curve, lr_stability,
                                           plot_method_curves, seed_keys, train_and_record)
 from metaopt.meta.lr import MetaLRConfig, learned_lr_tx, meta_train
 from metaopt.meta.rl import RLConfig, train_rl
@@ -195,39 +195,21 @@ LABELS = {"adam_1e-3": "Adam 1e-3", "constant": "tuned constant", "step": "tuned
           "supervised": "supervised", "rl": "RL (PPO)", **lr_schedule.SELF_TUNING_LABELS}
 
 
-def lr_stability(curves) -> tuple[float, float]:
-  """Mean over seeds of the LR's variance over steps and of the total variation of
-  log LR (sum of |log lr_t - log lr_t-1|: scale-free, 0 for a constant LR)."""
-  lr = np.asarray(curves.learning_rate, np.float64)
-  with np.errstate(divide="ignore", invalid="ignore"):
-    tv = np.nansum(np.abs(np.diff(np.log(lr), axis=1)), axis=1)
-  return float(np.nanvar(lr, axis=1).mean()), float(np.mean(tv))
+COLUMNS = ("task", "method", "test loss", "loss spread", "test acc", "acc spread",
+           "steps to cosine loss", "LR variance", "log-LR total variation", "runs", "chosen LR")
+
+
+def _stability_columns(method: dict) -> dict:
+  """LR variance and total variation of log LR (+inf when the LR reaches 0)."""
+  variance, tv = lr_stability(method["curves"], log=True)
+  return {"LR variance": variance, "log-LR total variation": tv}
 
 
 def table_rows(results: dict, compute: dict) -> list[dict]:
-  rows = []
-  for task_name, methods in results.items():
-    target = float(methods["tuned_cosine"]["curves"].test_loss[:, -1].mean())
-    for m in METHOD_ORDER:
-      if m not in methods:
-        continue
-      c = methods[m]["curves"]
-      variance, tv = lr_stability(c)
-      rows.append({
-          "task": task_name, "method": LABELS[m],
-          "test loss": float(c.test_loss[:, -1].mean()),
-          "loss spread": float(c.test_loss[:, -1].std()),
-          "test acc": float(c.test_accuracy[:, -1].mean()),
-          "acc spread": float(c.test_accuracy[:, -1].std()),
-          "steps to cosine loss": lr_schedule._steps_to_reach(c, target),
-          "LR variance": variance, "log-LR total variation": tv,
-          "runs": methods[m]["runs"], "chosen LR": methods[m].get("lr"),
-      })
-  return rows
+  return lr_schedule.table_rows(results, order=METHOD_ORDER, labels=LABELS, columns=COLUMNS,
+                                extra=_stability_columns)
 
 
-COLUMNS = ("task", "method", "test loss", "loss spread", "test acc", "acc spread",
-           "steps to cosine loss", "LR variance", "log-LR total variation", "runs", "chosen LR")
 COMPUTE_COLUMNS = ("method", "meta-training inner steps", "meta-training wall s", "note")
 
 

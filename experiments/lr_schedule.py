@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -174,31 +174,41 @@ LABELS = {"adam_1e-3": "Adam 1e-3", "constant": "tuned constant", "step": "tuned
           "pretrained": "pretrained (shipped)", **SELF_TUNING_LABELS}
 
 
-def table_rows(results: dict) -> list[dict]:
+COLUMNS = ("task", "method", "test loss", "test acc", "acc spread", "steps to cosine loss",
+           "wall s (all runs)", "runs", "LR variance", "chosen LR")
+
+
+def _extra_columns(method: dict) -> dict:
+  """The columns of this experiment's table that the controllers' table does not have."""
+  return {"wall s (all runs)": method["wall_time"],
+          "LR variance": float(np.nanvar(method["curves"].learning_rate, axis=1).mean())}
+
+
+def table_rows(results: dict, order: tuple = METHOD_ORDER, labels: dict = LABELS,
+               columns: tuple = COLUMNS, extra: Callable[[dict], dict] = _extra_columns
+               ) -> list[dict]:
+  """One row per task and method of ``order`` (``results[task][method]``): final test loss
+  and accuracy (mean and spread over seeds), steps to the tuned cosine's final test loss,
+  runs and chosen LR, and the columns ``extra(results[task][method])`` adds; each row
+  holds the ``columns`` (default: this experiment's), in their order."""
   rows = []
   for task_name, methods in results.items():
     target = float(methods["tuned_cosine"]["curves"].test_loss[:, -1].mean())
-    for m in METHOD_ORDER:
+    for m in order:
       if m not in methods:
         continue
       r = methods[m]
       c = r["curves"]
-      lr = c.learning_rate
-      rows.append({
-          "task": task_name, "method": LABELS[m],
+      row = {
+          "task": task_name, "method": labels[m],
           "test loss": float(c.test_loss[:, -1].mean()),
+          "loss spread": float(c.test_loss[:, -1].std()),
           "test acc": float(c.test_accuracy[:, -1].mean()),
           "acc spread": float(c.test_accuracy[:, -1].std()),
           "steps to cosine loss": _steps_to_reach(c, target),
-          "wall s (all runs)": r["wall_time"], "runs": r["runs"],
-          "LR variance": float(np.nanvar(lr, axis=1).mean()),
-          "chosen LR": r.get("lr"),
-      })
+          "runs": r["runs"], "chosen LR": r.get("lr"), **extra(r)}
+      rows.append({k: row[k] for k in columns})
   return rows
-
-
-COLUMNS = ("task", "method", "test loss", "test acc", "acc spread", "steps to cosine loss",
-           "wall s (all runs)", "runs", "LR variance", "chosen LR")
 
 
 def quality_summary(results: dict) -> dict:

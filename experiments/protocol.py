@@ -108,6 +108,35 @@ def lr_curve(curves) -> tuple:
             np.nanmean(curves.learning_rate, axis=0))
 
 
+def lr_stability(curves, log: bool = False) -> tuple[float, float]:
+  """How much the applied LR moves: the mean over seeds of its variance over the steps of
+  a run and of its total variation (sum of |lr_t - lr_t-1|; with ``log``, of
+  |log lr_t - log lr_t-1|: scale-free, 0 for a constant LR).
+
+  Each seed's curve (``curves.learning_rate`` [seeds, steps]) is cut at the step early
+  stopping froze it (``curves.stopped_at``; not cut when None). Steps with no LR are
+  dropped: NaN (not reported, or after the stop), and without ``log`` also infinite
+  ones; with ``log`` an LR that reaches 0 is kept, so the total variation is +inf. Both
+  are NaN when a seed has no LR left.
+  """
+  lrs = np.asarray(curves.learning_rate, np.float64)
+  stops = (np.full(len(lrs), lrs.shape[1]) if getattr(curves, "stopped_at", None) is None
+           else np.asarray(curves.stopped_at).reshape(-1))
+  variances, variations = [], []
+  for lr, stop in zip(lrs, stops):
+    lr = lr[:max(int(stop), 1)]
+    lr = lr[~np.isnan(lr)] if log else lr[np.isfinite(lr)]
+    if not len(lr):
+      return float("nan"), float("nan")
+    variances.append(np.var(lr))
+    if log:
+      with np.errstate(divide="ignore", invalid="ignore"):
+        lr = np.log(lr)
+    with np.errstate(invalid="ignore"):  # -inf - -inf: an LR staying at 0 adds nothing
+      variations.append(np.nansum(np.abs(np.diff(lr))))
+  return float(np.mean(variances)), float(np.mean(variations))
+
+
 # --- time to target, in the style of AlgoPerf ------------------------------------------------
 
 

@@ -170,7 +170,8 @@ def training_step(task, tx: optax.GradientTransformation, arrays: dict, *,
 
 def make_train_fn(task, make_tx: MakeTx, *, steps: int, eval_every: int,
                   feed_val_loss: bool = False, dropout: Optional[DropoutFn] = None,
-                  model_args: Optional[ModelArgsFn] = None, init: Optional[InitFn] = None):
+                  model_args: Optional[ModelArgsFn] = None, init: Optional[InitFn] = None,
+                  capacity: Optional[int] = None):
   """``run(hparams, key, arrays) -> TrainResult``, pure and jit/vmap-able.
 
   ``feed_val_loss``: pass the latest validation loss to the optimizer (see the
@@ -178,18 +179,31 @@ def make_train_fn(task, make_tx: MakeTx, *, steps: int, eval_every: int,
   function of ``hparams`` giving the dropout rate (None: no dropout). ``model_args``:
   a function of ``hparams`` giving more keyword arguments of the model's call. ``init``:
   ``init(hparams, init_key)`` gives the initial parameters (default ``task.init(init_key)``).
+
+  ``capacity``: one program for datasets of different sizes (:func:`pad_splits`). Each
+  of the ``steps // eval_every`` chunks has ``capacity`` step slots, of which the first
+  ``arrays["eval_every"]`` (traced, at most ``capacity``) train and the others skip
+  (``lax.cond`` on an unbatched predicate: no work, a NaN loss); evaluations weigh
+  their rows by ``arrays["w_val"]``, ``arrays["w_test"]``. :func:`unpad_steps` drops the
+  skipped slots from the result.
   """
   if steps < 1 or eval_every < 1 or steps % eval_every:
     raise ValueError(f"need steps >= 1 divisible by eval_every >= 1, got "
                      f"steps={steps}, eval_every={eval_every}")
+  n_evals = steps // eval_every
+  if capacity is not None:
+    check_int("capacity", capacity)
 
   def run(hparams, key, arrays) -> TrainResult:
     tx = make_tx(hparams)
     kw = {} if model_args is None else dict(model_kwargs=model_args(hparams))
+    every = eval_every if capacity is None else arrays["eval_every"]
 
     def evaluate(params, arrays, model_state=None):
-      val = task.metrics(params, arrays["x_val"], arrays["y_val"], model_state, **kw)
-      test = task.metrics(params, arrays["x_test"], arrays["y_test"], model_state, **kw)
+      val = task.metrics(params, arrays["x_val"], arrays["y_val"], model_state, **kw,
+                         **_weight(arrays, "val"))
+      test = task.metrics(params, arrays["x_test"], arrays["y_test"], model_state, **kw,
+                          **_weight(arrays, "test"))
       return (val["loss"], val["accuracy"], test["loss"], test["accuracy"])
 
     init_key, data_key = jax.random.split(key)
@@ -200,13 +214,19 @@ def make_train_fn(task, make_tx: MakeTx, *, steps: int, eval_every: int,
     # optimizer counts only the evaluations after each chunk of steps.
     state = RunState(params, tx.init(params), data_key, jnp.zeros((), jnp.int32),
                        val_loss=first[0], new_eval=jnp.asarray(False),
-                       stopped=jnp.asarray(False), stop_step=jnp.asarray(steps, jnp.int32),
+                       stopped=jnp.asarray(False),
+                       stop_step=jnp.asarray(n_evals * every, jnp.int32),
                        model_state=model_state, val_accuracy=first[1])
     step = training_step(task, tx, arrays, feed_val_loss=feed_val_loss, dropout=dropout,
                          model_args=model_args)
+    if capacity is not None:
+      step = _gated(step, every)
 
     def chunk(state, _):
-      state, metrics = unroll(step, hparams, state, None, length=eval_every)
+      if capacity is None:
+        state, metrics = unroll(step, hparams, state, None, length=eval_every)
+      else:
+        state, metrics = unroll(step, hparams, state, jnp.arange(capacity))
       # Schedule-free optimizers are evaluated at their averaged parameters.
       evals = evaluate(evaluation_params(state.opt_state, state.params), arrays,
                        state.model_state)
@@ -214,12 +234,12 @@ def make_train_fn(task, make_tx: MakeTx, *, steps: int, eval_every: int,
                              new_eval=jnp.asarray(True))
       return state, (metrics, evals)
 
-    final, (metrics, evals) = jax.lax.scan(chunk, state, None, length=steps // eval_every)
+    final, (metrics, evals) = jax.lax.scan(chunk, state, None, length=n_evals)
     evals = [jnp.concatenate([f[None], e]) for f, e in zip(first, evals)]
     return TrainResult(
         train_loss=metrics["loss"].reshape(-1),
         learning_rate=metrics["learning_rate"].reshape(-1),
-        eval_steps=jnp.arange(0, steps + 1, eval_every),
+        eval_steps=jnp.arange(n_evals + 1) * every,
         val_loss=evals[0], val_accuracy=evals[1],
         test_loss=evals[2], test_accuracy=evals[3],
         stopped_at=final.stop_step)
@@ -227,11 +247,63 @@ def make_train_fn(task, make_tx: MakeTx, *, steps: int, eval_every: int,
   return run
 
 
+def _weight(arrays: dict, split: str) -> dict:
+  """``{"weight": ...}`` for a padded split (:func:`pad_splits`), else nothing."""
+  return {"weight": arrays[f"w_{split}"]} if f"w_{split}" in arrays else {}
+
+
+def _gated(step, every):
+  """``step`` over slot ``i`` of a chunk: a real step while ``i < every``, else the state
+  unchanged and NaN metrics."""
+  def gated(hparams, state, i):
+    skipped = lambda s: (s, jax.tree.map(lambda m: jnp.full(m.shape, jnp.nan, m.dtype),
+                                         jax.eval_shape(step, hparams, s, None)[1]))
+    return jax.lax.cond(i < every, lambda s: step(hparams, s, None), skipped, state)
+  return gated
+
+
+def pad_splits(arrays: dict, rows: dict[str, int], features: int, *, eval_every: int) -> dict:
+  """``arrays`` (flat float inputs, integer labels) zero-padded to ``rows[split]`` rows and
+  ``features`` columns, with what :func:`make_train_fn` (``capacity=``) and
+  :meth:`metaopt.tasks.Task.sample_batch` read to ignore the padding: ``n_train``, the
+  0/1 row weights ``w_val``, ``w_test``, and ``eval_every``. Datasets padded alike share
+  one compiled program."""
+  out = {}
+  for split in ("train", "val", "test"):
+    x, y = np.asarray(arrays[f"x_{split}"]), np.asarray(arrays[f"y_{split}"])
+    n, total = x.shape[0], rows[split]
+    x = x.reshape(n, -1)
+    if total < n or features < x.shape[1]:
+      raise ValueError(f"cannot pad {split} of shape {x.shape} to {total} rows x "
+                       f"{features} features")
+    out[f"x_{split}"] = jnp.asarray(np.pad(x, ((0, total - n), (0, features - x.shape[1]))))
+    out[f"y_{split}"] = jnp.asarray(np.pad(y, (0, total - n)))
+    if split == "train":
+      out["n_train"] = jnp.asarray(n, jnp.int32)
+    else:
+      out[f"w_{split}"] = jnp.asarray(np.arange(total) < n, jnp.float32)
+  out["eval_every"] = jnp.asarray(eval_every, jnp.int32)
+  return out
+
+
+def unpad_steps(result: TrainResult, eval_every: int, capacity: int) -> TrainResult:
+  """A result of :func:`make_train_fn` with ``capacity=``, without its skipped slots: the
+  per-step curves of ``eval_every`` real steps per chunk, as an unpadded run gives them."""
+  def trim(a):
+    a = np.asarray(a)
+    chunks = a.reshape(*a.shape[:-1], -1, capacity)[..., :eval_every]
+    return chunks.reshape(*a.shape[:-1], -1)
+  return result._replace(train_loss=trim(result.train_loss),
+                         learning_rate=trim(result.learning_rate))
+
+
 def train_grid(task, make_tx: MakeTx, hparams: PyTree, keys: jax.Array, *,
                steps: int, eval_every: int, vectorize: bool = True,
                feed_val_loss: bool = False, dropout: Optional[DropoutFn] = None,
                sharding: Sharding = None, model_args: Optional[ModelArgsFn] = None,
-               init: Optional[InitFn] = None) -> tuple[TrainResult, float]:
+               init: Optional[InitFn] = None, capacity: Optional[int] = None,
+               arrays: Optional[dict] = None, programs: Optional[dict] = None,
+               program_key: Any = None) -> tuple[TrainResult, float]:
   """Trains one run per (hparams row, key) pair in one compiled program.
 
   ``hparams`` leaves and ``keys`` share a leading axis. Runs are vmapped, or
@@ -241,21 +313,31 @@ def train_grid(task, make_tx: MakeTx, hparams: PyTree, keys: jax.Array, *,
   and the wall time of the compiled call in seconds; ``metaopt.hparams.record_runs``
   writes them into a run store. ``sharding`` splits the runs across devices
   (:mod:`metaopt.sharding`; their number must divide evenly), one run per device at
-  a time with ``vectorize=False``. ``model_args``, ``init``: see :func:`make_train_fn`.
+  a time with ``vectorize=False``. ``model_args``, ``init``, ``capacity``: see
+  :func:`make_train_fn`; ``arrays``: the data (default ``task.arrays()``; padded ones for
+  ``capacity``, :func:`pad_splits`). ``programs``: a dict that keeps compiled programs
+  under ``program_key`` (which must name everything the program's code depends on;
+  the argument shapes are added to it), so later calls reuse them.
   """
-  one = make_train_fn(task, make_tx, steps=steps, eval_every=eval_every,
-                      feed_val_loss=feed_val_loss, dropout=dropout, model_args=model_args,
-                      init=init)
-  spec = resolve(sharding, len(keys), what="runs")
-  if spec is not None:
-    run = jax.jit(population_map(one, (0, 0, None), sharding=spec, what="runs",
-                                 chunk_size=None if vectorize else shards(spec)))
-  elif vectorize:
-    run = jax.jit(jax.vmap(one, in_axes=(0, 0, None)))
-  else:
-    run = jax.jit(lambda h, k, a: jax.lax.map(lambda hk: one(*hk, a), (h, k)))
-  arrays = task.arrays()
-  compiled = run.lower(hparams, keys, arrays).compile()
+  arrays = task.arrays() if arrays is None else arrays
+  leaves, tree = jax.tree.flatten((hparams, keys, arrays))
+  signature = (program_key, tree, tuple((a.shape, str(a.dtype)) for a in leaves))
+  compiled = None if programs is None else programs.get(signature)
+  if compiled is None:
+    one = make_train_fn(task, make_tx, steps=steps, eval_every=eval_every,
+                        feed_val_loss=feed_val_loss, dropout=dropout, model_args=model_args,
+                        init=init, capacity=capacity)
+    spec = resolve(sharding, len(keys), what="runs")
+    if spec is not None:
+      run = jax.jit(population_map(one, (0, 0, None), sharding=spec, what="runs",
+                                   chunk_size=None if vectorize else shards(spec)))
+    elif vectorize:
+      run = jax.jit(jax.vmap(one, in_axes=(0, 0, None)))
+    else:
+      run = jax.jit(lambda h, k, a: jax.lax.map(lambda hk: one(*hk, a), (h, k)))
+    compiled = run.lower(hparams, keys, arrays).compile()
+    if programs is not None:
+      programs[signature] = compiled
   start = time.perf_counter()
   result = jax.block_until_ready(compiled(hparams, keys, arrays))
   return jax.tree.map(np.asarray, result), time.perf_counter() - start

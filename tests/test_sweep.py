@@ -213,6 +213,8 @@ def test_cli_run_store_records_the_experiment_runs(tmp_path, monkeypatch, capsys
 def fake_train_grid(task, make_tx, hparams, keys, *, steps, eval_every, **kw):
   """train_grid's result shapes without training: every run completes at accuracy 0.5."""
   n, evals = keys.shape[0], steps // eval_every + 1
+  if kw.get("capacity"):  # a padded program: eval_every real steps of each capacity slots
+    eval_every = int(kw["arrays"]["eval_every"])
   full = lambda value, width: np.full((n, width), value, np.float32)
   return TrainResult(train_loss=full(1.0, steps), learning_rate=full(1e-3, steps),
                      eval_steps=np.tile(np.arange(evals) * eval_every, (n, 1)),
@@ -375,3 +377,56 @@ def test_mixed_depths_share_one_program_and_train_as_the_unmasked_models(tmp_pat
     assert (r.status, r.hparams, r.model) == (o.status, o.hparams, o.model)
     for name in ("train_loss", "val_loss", "test_loss"):
       np.testing.assert_allclose(r.curves[name], o.curves[name], rtol=1e-5)
+
+
+def test_padded_init_is_each_runs_own_task_init_bit_for_bit():
+  # One compiled init serves every dataset and depth of a layout, and gives exactly the
+  # parameters task.init gives the run's own model, zero-padded.
+  layout = S.PadLayout(features=16, rows=(120, 40, 40), classes=4, capacity=8, micro=16)
+  init = jax.jit(S._padded_init(layout, 8, 3))
+  key = jax.random.PRNGKey(3)
+  for dataset in ("iris", "wine"):
+    task = make_task(TaskConfig(dataset, "mlp", 8, 3, 16, 1, 0))
+    features, classes = int(np.prod(task.data.x_train.shape[1:])), task.data.num_classes
+    for depth in (1, 3):
+      got = init({"layers": jnp.int32(depth), "classes": jnp.int32(classes),
+                  "features": jnp.int32(features),
+                  "stddev_in": jnp.float32(S.lecun_stddev(features))}, key)
+      want = S._shaped(task, depth).init(key)
+      for name, layer in want.items():
+        target = "Dense_3" if name == f"Dense_{depth}" else name  # the head moves to the end
+        for leaf, value in layer.items():
+          padded = np.array(got[target][leaf])
+          real = tuple(slice(0, n) for n in value.shape)
+          np.testing.assert_array_equal(padded[real], np.asarray(value))
+          padded[real] = 0
+          assert not padded.any(), (dataset, depth, name, leaf)  # the padding is zero
+      for i in range(depth, 3):
+        assert not np.asarray(got[f"Dense_{i}"]["kernel"]).any()
+
+
+def test_datasets_of_a_layout_share_one_program_and_train_as_unpadded(tmp_path, monkeypatch):
+  S._PROGRAMS.clear()
+  kw = dict(datasets=["iris", "wine"], models=["mlp"], space=SPACE, trials_per_task=3,
+            epochs=2, progress=False)
+  assert S.sweep(tmp_path / "shared.db", **kw).added == 6
+  assert len(S._PROGRAMS) == 1  # one compiled training program for both datasets
+  monkeypatch.setattr(S, "SHARED", ())  # one program per task, unpadded
+  assert S.sweep(tmp_path / "own.db", **kw).added == 6
+  with RunStore(tmp_path / "shared.db") as a, RunStore(tmp_path / "own.db") as b:
+    shared, own = {r.run_key: r for r in a.runs()}, {r.run_key: r for r in b.runs()}
+  assert sorted(shared) == sorted(own)
+  for k, r in own.items():
+    s = shared[k]
+    assert (s.status, s.hparams, s.model, s.task_features) == (
+        r.status, r.hparams, r.model, r.task_features)
+    assert s.extra["eval_steps"] == r.extra["eval_steps"] and s.extra["steps"] == r.extra["steps"]
+    for name in ("train_loss", "val_loss", "val_accuracy", "test_loss", "test_accuracy"):
+      np.testing.assert_allclose(s.curves[name], r.curves[name], rtol=1e-5, atol=1e-6)
+
+
+def test_pad_splits_refuses_data_larger_than_its_layout():
+  task = make_task(TaskConfig("iris", "mlp", 8, 1, 16, 1, 0))
+  with pytest.raises(ValueError, match="cannot pad train of shape"):
+    metaopt.train.pad_splits(task.arrays(), {"train": 10, "val": 40, "test": 40}, 4,
+                             eval_every=6)

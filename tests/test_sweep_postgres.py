@@ -36,6 +36,8 @@ SPACE = Space([Param("learning_rate", "float", 1e-3, 1e-1, log=True),
 def fake_train_grid(task, make_tx, hparams, keys, *, steps, eval_every, **kw):
   """train_grid's result shapes without training: every run completes at accuracy 0.5."""
   n, evals = keys.shape[0], steps // eval_every + 1
+  if kw.get("capacity"):  # a padded program: eval_every real steps of each capacity slots
+    eval_every = int(kw["arrays"]["eval_every"])
   full = lambda value, width: np.full((n, width), value, np.float32)
   return TrainResult(train_loss=full(1.0, steps), learning_rate=full(1e-3, steps),
                      eval_steps=np.tile(np.arange(evals) * eval_every, (n, 1)),
@@ -97,6 +99,8 @@ while gate and not open(gate).read():  # started with the others; sweeps once th
 
 def fake_train_grid(task, make_tx, hparams, keys, *, steps, eval_every, **kw):
   n, evals = keys.shape[0], steps // eval_every + 1
+  if kw.get("capacity"):  # a padded program: eval_every real steps of each capacity slots
+    eval_every = int(kw["arrays"]["eval_every"])
   full = lambda value, width: np.full((n, width), value, np.float32)
   return TrainResult(full(1.0, steps), full(1e-3, steps),
                      np.tile(np.arange(evals) * eval_every, (n, 1)), full(1.0, evals),

@@ -1,5 +1,8 @@
-"""AlgoPerf-style scoring (time to target, performance profiles) and the optax.contrib
-self-tuning baselines in the experiments' training loop."""
+"""AlgoPerf-style scoring (time to target, performance profiles), the LR stability
+measure of the experiments' tables, and the optax.contrib self-tuning baselines in the
+experiments' training loop."""
+
+import types
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +45,41 @@ def test_performance_profile_and_score_on_a_hand_made_table():
   assert protocol.profile_score(profile["b"], taus) > protocol.profile_score(profile["a"], taus)
   assert protocol.profile_score(np.ones(3), taus) == pytest.approx(1.0)
   assert protocol.profile_score(profile["c"], taus) == 0.0
+
+
+def _lr_curves(lr, stopped_at=None):
+  return types.SimpleNamespace(learning_rate=np.asarray(lr, np.float32), stopped_at=stopped_at)
+
+
+def test_lr_stability_cuts_each_seed_at_its_stop_and_drops_unknown_lrs():
+  nan, inf = np.nan, np.inf
+  curves = _lr_curves([[1, 2, 4, nan, nan],    # stopped after 3 steps: NaN from there on
+                       [3, inf, 3, 3, 7]],     # an infinite LR is dropped; 7 after the stop
+                      stopped_at=np.array([3, 4]))
+  variance, tv = protocol.lr_stability(curves)
+  # Seed 1: [1, 2, 4]: variance 14/9, total variation 1 + 2; seed 2: [3, 3, 3]: 0 and 0.
+  assert variance == pytest.approx(7 / 9) and tv == pytest.approx(1.5)
+  # A run stopped at step 0 keeps its first LR; a seed with no LR at all makes both NaN.
+  assert protocol.lr_stability(_lr_curves([[2, 5]], np.array([0]))) == (0.0, 0.0)
+  assert np.isnan(protocol.lr_stability(_lr_curves([[1, 2], [nan, nan]], np.array([2, 2])))).all()
+
+
+def test_log_lr_stability_is_scale_free_and_infinite_when_the_lr_reaches_zero():
+  e = np.e
+  # No stopped_at (the hand schedules and the controllers run to the end): the whole curve.
+  curves = types.SimpleNamespace(learning_rate=np.array([[1, e, e ** 3, np.nan]]))
+  assert protocol.lr_stability(curves, log=True)[1] == pytest.approx(3.0)   # 1 + 2
+  assert protocol.lr_stability(_lr_curves([[1e-3] * 4, [5.0] * 4]), log=True) == (0.0, 0.0)
+  # A cosine decayed to 0: log 0 = -inf, so the total variation is +inf (the report shows
+  # "–"); staying at 0 adds nothing more, and the variance is that of the LR itself.
+  variance, tv = protocol.lr_stability(_lr_curves([[1.0, 0.5, 0.0, 0.0], [1, 1, 1, 1]],
+                                                  stopped_at=None), log=True)
+  assert tv == np.inf
+  assert variance == pytest.approx(np.var([1.0, 0.5, 0.0, 0.0]) / 2)
+  # The cut at the stop applies too; without log the same decay has a finite variation.
+  _, tv = protocol.lr_stability(_lr_curves([[1, e, 0, 0]], np.array([2])), log=True)
+  assert tv == pytest.approx(1.0)
+  assert protocol.lr_stability(_lr_curves([[1.0, 0.5, 0.0, 0.0]]))[1] == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("call, match", [

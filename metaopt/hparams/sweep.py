@@ -23,6 +23,11 @@ the runs vmapped through :func:`metaopt.train.train_grid`:
   Width is not masked: a wider dropout mask would draw different random numbers than
   the run's own width, so runs of different widths compile a program each.
 
+- the dataset (mlp, ``SHARED``): datasets padded to one :class:`PadLayout` (inputs,
+  rows, classes, steps per epoch; see :func:`pad_layouts`) train in one program,
+  compiled once per process; each run still trains what it trains alone, from its own
+  ``task.init`` (:func:`_padded_init`), to float rounding.
+
 - ``learning_rate``, ``weight_decay``, ``beta1``: AdamW arguments;
 - ``dropout``: the traced dropout rate of the model;
 - ``batch_size``: gradient accumulation. Every step samples a micro-batch of
@@ -78,6 +83,7 @@ import zlib
 from typing import (Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Optional, Sequence,
                     Union)
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -109,6 +115,13 @@ WIDTHS: dict[str, int] = {"mlp": 64, "cnn": 8, "rnn": 32, "transformer": 32}
 # vmapped convolutions are slow on the CPU, and vmapped GRU groups of 8 runs hung the XLA CPU
 # runtime (all threads idle in block_until_ready) with jax 0.10.2 here.
 VMAPPED = ("mlp", "transformer")
+# Families whose tasks share compiled programs across datasets (padded, see PadLayout);
+# () compiles one program per task (benchmarks/bench_sweep_compile.py compares the two).
+SHARED: tuple[str, ...] = ("mlp",)
+# Inputs of up to 64 features are padded to 64 and share one program, up to 256 another;
+# wider ones keep their own (padding them would cost more training than a compile).
+FEATURE_BUCKETS = (64, 256)
+PROGRAMS_KEPT = 16      # compiled programs a process keeps for later tasks
 QUICK = dict(datasets=("iris", "wine"), models=("mlp",), trials_per_task=4, epochs=2)
 MAX_TRIALS = 100_000    # per task
 MAX_EPOCHS = 10_000
@@ -339,13 +352,132 @@ def _divisor_at_most(m: int, n: int) -> int:
 COUNTS = ("added", "skipped", "diverged", "failed")
 
 
+class PadLayout(NamedTuple):
+  """The padded shapes a group of datasets trains in, so that one compiled program serves
+  all of them (:func:`metaopt.train.pad_splits`): inputs zero-padded to ``features``,
+  splits to ``rows`` (train, val, test) rows, the head to ``classes`` (the extra logits
+  masked, :func:`metaopt.tasks.models.mask_classes`), and ``capacity`` step slots per
+  epoch (the group's most steps per epoch). Padded rows are never sampled or counted and
+  padded weights get zero gradients, so each run computes what it computes unpadded."""
+  features: int
+  rows: tuple[int, int, int]
+  classes: int
+  capacity: int
+  micro: int
+
+
+def pad_layouts(jobs: Sequence[tuple], seed: int) -> dict[tuple[str, str], PadLayout]:
+  """The :class:`PadLayout` of each (dataset, model) of ``jobs`` ((dataset, model, trials,
+  micro) as :func:`sweep` plans them) whose family is in ``SHARED``: datasets of one
+  family, micro-batch and feature bucket (``FEATURE_BUCKETS``; wider inputs each alone)
+  share one layout. Datasets with another objective than classification train unpadded."""
+  shapes, groups = {}, {}
+  for dataset, model, _, micro in jobs:
+    if model not in SHARED:
+      continue
+    data = make_task(TaskConfig(dataset, model, 1, 1, micro, 1, seed)).data
+    if data.objective != "classification":  # padding masks classes and weighs accuracy
+      continue
+    features = int(np.prod(data.x_train.shape[1:]))
+    bucket = next((b for b in FEATURE_BUCKETS if features <= b), features)
+    shapes[dataset, model] = (features, tuple(data.num_examples(s) for s in ("train", "val", "test")),
+                              data.num_classes, math.ceil(data.num_examples("train") / micro))
+    groups.setdefault((model, micro, bucket), []).append((dataset, model))
+  out = {}
+  for (model, micro, bucket), members in groups.items():
+    rows = tuple(max(shapes[m][1][i] for m in members) for i in range(3))
+    layout = PadLayout(bucket, rows, max(shapes[m][2] for m in members),
+                       max(shapes[m][3] for m in members), micro)
+    out.update(dict.fromkeys(members, layout))
+  return out
+
+
+_PROGRAMS: dict = {}  # compiled training programs of this process (train.train_grid)
+
+
+def _keep_programs() -> dict:
+  while len(_PROGRAMS) > PROGRAMS_KEPT:
+    _PROGRAMS.pop(next(iter(_PROGRAMS)))
+  return _PROGRAMS
+
+
+class _KernelKeys(nn.Module):
+  """The layers of :class:`metaopt.tasks.models.MLP` with the same names, recording the
+  PRNG key flax gives each kernel: a parameter's key depends on its module's name, not on
+  its shape, so these are the keys of every model of the family up to this depth."""
+  hidden: Sequence[int]
+  num_classes: int
+  keep: Callable[[jax.Array], None]
+
+  @nn.compact
+  def __call__(self, x):
+    def record(key, shape, dtype):
+      self.keep(key)
+      return jnp.zeros(shape, dtype)
+    for width in self.hidden:
+      x = nn.Dense(width, kernel_init=record)(x)
+    return nn.Dense(self.num_classes, kernel_init=record)(x)
+
+
+def lecun_stddev(fan_in: int) -> np.float32:
+  """The standard deviation flax's default (lecun normal) kernel init scales its draws by."""
+  return np.float32(np.sqrt(np.float32(1.0 / fan_in)) / np.float32(.87962566103423978))
+
+
+def _padded_init(layout: PadLayout, width: int, deep: int):
+  """``init(hparams, key)`` of runs in a layout's program: ``task.init`` of the run's own
+  model (``hparams["layers"]`` hidden layers, ``hparams["features"]`` inputs,
+  ``hparams["classes"]`` classes), bit for bit, laid out zero-padded as the layout's mlp
+  at ``deep`` layers, so one compiled init serves every dataset and depth. It redraws
+  each kernel with the key flax gives it (:class:`_KernelKeys`): jax's threefry draws
+  each element from its row-major index (``jax_threefry_partitionable``), so the first
+  ``features`` rows of a draw at the padded shape are the real draw, and the head's real
+  ``[width, classes]`` draw is read from a flat draw by index."""
+  if not jax.config.jax_threefry_partitionable:
+    raise ValueError("the sweep's shared programs need jax_threefry_partitionable=True")
+  example = jnp.zeros((1, layout.features), jnp.float32)
+  draw = lambda key, shape: jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32)
+  zeros = lambda n: jnp.zeros((n,), jnp.float32)
+
+  def init(hparams, key):
+    keys = []
+    _KernelKeys((width,) * deep, layout.classes, keys.append).init(key, example)
+    depth, classes = hparams["layers"], hparams["classes"]
+    rows = jnp.arange(layout.features)[:, None] < hparams["features"]
+    params = {"Dense_0": {"kernel": jnp.where(rows, draw(keys[0], (layout.features, width))
+                                              * hparams["stddev_in"], 0.0),
+                          "bias": zeros(width)}}
+    for i in range(1, deep):
+      kernel = draw(keys[i], (width, width)) * lecun_stddev(width)
+      params[f"Dense_{i}"] = {"kernel": jnp.where(i < depth, kernel, 0.0), "bias": zeros(width)}
+    # The run's head is its Dense_<depth>: that layer's key, drawn at [width, classes].
+    head_key = jnp.stack([jax.random.key_data(k) if jnp.issubdtype(k.dtype, jax.dtypes.prng_key)
+                          else k for k in keys])[depth]
+    flat = draw(head_key, (width * layout.classes,)) * lecun_stddev(width)
+    r, c = jnp.meshgrid(jnp.arange(width), jnp.arange(layout.classes), indexing="ij")
+    kernel = jnp.where(c < classes, flat[r * classes + jnp.minimum(c, classes - 1)], 0.0)
+    params[f"Dense_{deep}"] = {"kernel": kernel, "bias": zeros(layout.classes)}
+    return params
+  return init
+
+
+def _padded_model_task(task, layout: PadLayout, depth: int):
+  """``task`` with its model at ``depth`` layers and the layout's input and class counts."""
+  cfg = task.config._replace(depth=depth)
+  model = make_model(cfg.model, width=cfg.width, depth=depth, num_classes=layout.classes,
+                     info=task.data.info)
+  return dataclasses.replace(task, config=cfg, model=model)
+
+
 def run_group(store: RunStore, dataset: str, model: str, configs: dict[int, dict],
               keys: dict[int, str], *, micro: int, epochs: int, seed: int,
-              on_runs: Callable[[int], None] = lambda n: None) -> dict[str, int]:
+              on_runs: Callable[[int], None] = lambda n: None,
+              layout: Optional[PadLayout] = None) -> dict[str, int]:
   """Train the given trials of one task (grouped by :func:`group_key`) into ``store``,
   sampling micro-batches of ``micro`` examples (see the module docstring). Trials whose
   run_key is stored meanwhile (by another process) are skipped, not trained or written.
-  Returns the counts of ``COUNTS``."""
+  With a ``layout`` (:func:`pad_layouts`) the task trains padded, in a program it shares
+  with the other datasets of that layout. Returns the counts of ``COUNTS``."""
   counts = dict.fromkeys(COUNTS, 0)
   resolved = {i: resolve_hparams(c, model) for i, c in configs.items()}
   groups: dict[tuple, list[int]] = {}
@@ -376,15 +508,19 @@ def run_group(store: RunStore, dataset: str, model: str, configs: dict[int, dict
     records = {d: model_record(_shaped(task, d)) for d in set(depths)}
     model_info = model_record(task)
     extra = {"source": "sweep", "micro_batch": micro, "epochs": epochs}
+    drop = (lambda h: h["dropout"]) if use_dropout else None
     try:
-      shapes = {}
-      if masked:
-        shapes = dict(model_args=lambda h: {"active_depth": h["layers"]},
-                      init=masked_init(task, depths))
-      result, wall = train.train_grid(
-          task, make_sweep_tx, hparams, seeds, steps=epochs * per_epoch, eval_every=per_epoch,
-          vectorize=model in VMAPPED, dropout=(lambda h: h["dropout"]) if use_dropout else None,
-          **shapes)
+      if layout is not None:
+        result, wall = _train_padded(task, layout, hparams, depths, seeds, epochs=epochs,
+                                     dropout=drop, vectorize=model in VMAPPED)
+      else:
+        shapes = {}
+        if masked:
+          shapes = dict(model_args=lambda h: {"active_depth": h["layers"]},
+                        init=masked_init(task, depths))
+        result, wall = train.train_grid(
+            task, make_sweep_tx, hparams, seeds, steps=epochs * per_epoch,
+            eval_every=per_epoch, vectorize=model in VMAPPED, dropout=drop, **shapes)
       rows = result_rows(task, hparams, result, wall, task_features=features,
                          run_keys=run_keys, keys=seeds, model=model_info)
     except (ValueError, TypeError):
@@ -409,9 +545,35 @@ def run_group(store: RunStore, dataset: str, model: str, configs: dict[int, dict
   return counts
 
 
+def _train_padded(task, layout: PadLayout, hparams: dict, depths: Sequence[int], seeds, *,
+                  epochs: int, dropout, vectorize: bool):
+  """:func:`metaopt.train.train_grid` of ``task``'s runs in the layout's padded program
+  (compiled once per process for every dataset of the layout); the result as unpadded."""
+  deep = max(depths)
+  per_epoch = train.steps_per_epoch(task)
+  program = _padded_model_task(task, layout, deep)
+  arrays = train.pad_splits(task.arrays(), dict(zip(("train", "val", "test"), layout.rows)),
+                            layout.features, eval_every=per_epoch)
+  full = lambda v: jnp.full(len(depths), v, jnp.int32)
+  features = int(np.prod(task.data.x_train.shape[1:]))
+  inputs = {**hparams, "layers": jnp.asarray(depths, jnp.int32),
+            "classes": full(task.data.num_classes), "features": full(features),
+            "stddev_in": jnp.full(len(depths), lecun_stddev(features))}
+  result, wall = train.train_grid(
+      program, make_sweep_tx, inputs, seeds, steps=epochs * layout.capacity,
+      eval_every=layout.capacity, capacity=layout.capacity, arrays=arrays, vectorize=vectorize,
+      dropout=dropout, model_args=lambda h: {"active_depth": h["layers"],
+                                             "active_classes": h["classes"]},
+      init=_padded_init(layout, task.config.width, deep), programs=_keep_programs(),
+      program_key=("sweep", task.config.model, task.config.width, deep, layout, epochs,
+                   dropout is not None, vectorize))
+  return train.unpad_steps(result, per_epoch, layout.capacity), wall
+
+
 def run_task(store: RunStore, space: Space, dataset: str, model: str, trials: Sequence[int], *,
              micro: int, epochs: int, seed: int,
-             on_runs: Callable[[int], None] = lambda n: None) -> dict[str, int]:
+             on_runs: Callable[[int], None] = lambda n: None,
+             layout: Optional[PadLayout] = None) -> dict[str, int]:
   """Train the given trial numbers of one task into ``store`` (:func:`run_group`), drawing
   each configuration when it is reached and training at most ``GROUP_RUNS`` runs of one
   program (:func:`group_key`) at a time. Returns the counts of ``COUNTS``."""
@@ -425,7 +587,7 @@ def run_task(store: RunStore, space: Space, dataset: str, model: str, trials: Se
   def train_bucket(shape):
     bucket = buckets.pop(shape)
     c = run_group(store, dataset, model, bucket, {i: prefix + str(i) for i in bucket},
-                  micro=micro, epochs=epochs, seed=seed, on_runs=on_runs)
+                  micro=micro, epochs=epochs, seed=seed, on_runs=on_runs, layout=layout)
     for k in COUNTS:
       counts[k] += c[k]
 
@@ -546,10 +708,10 @@ def _report(n: int) -> None:
 
 
 def _worker(path: str, space: Space, dataset: str, model: str, trials: list, micro: int,
-            epochs: int, seed: int) -> dict:
+            epochs: int, seed: int, layout: Optional[PadLayout]) -> dict:
   with RunStore(path, create=False) as store:
     return run_task(store, space, dataset, model, trials, micro=micro, epochs=epochs,
-                    seed=seed, on_runs=_report)
+                    seed=seed, on_runs=_report, layout=layout)
 
 
 def _claim_worker(url: str, space: Space, jobs: list, epochs: int, seed: int,
@@ -617,6 +779,7 @@ def claim_runs(store: RunStore, space: Space, jobs: Sequence[tuple], *, epochs: 
         unit = f"{prefix[:-1]}L{layers or 'any'}-W{width}"
         units[unit] = (dataset, model, micro)
         planned.append((prefix + str(i), unit, i))
+  layouts = pad_layouts(jobs, seed)
   claims = Claims(store, worker, claim_timeout)
   claims.plan(planned)
   names = sorted(units)
@@ -633,7 +796,8 @@ def claim_runs(store: RunStore, space: Space, jobs: Sequence[tuple], *, epochs: 
           continue
         dataset, model, micro = units[unit]
         c = run_task(store, space, dataset, model, [t for _, t in got], micro=micro,
-                     epochs=epochs, seed=seed, on_runs=on_runs)
+                     epochs=epochs, seed=seed, on_runs=on_runs,
+                     layout=layouts.get((dataset, model)))
         claims.finish([k for k, _ in got])
         counts = {k: counts[k] + c[k] for k in counts}
     finally:
@@ -707,6 +871,7 @@ def sweep(store: Union[RunStore, str, os.PathLike], *, datasets: Optional[Sequen
         jobs.append((dataset, model, todo, micro))
     counts = dict.fromkeys(COUNTS, 0)
     claiming = store.kind == "postgresql"
+    layouts = {} if claiming else pad_layouts(jobs, seed)
     with tqdm(total=sum(len(j[2]) for j in jobs), desc="sweep runs", unit="run",
               disable=not progress) as bar:
       if claiming and jobs and workers == 1:
@@ -719,10 +884,11 @@ def sweep(store: Union[RunStore, str, os.PathLike], *, datasets: Optional[Sequen
         for dataset, model, todo, micro in jobs:
           bar.set_postfix_str(f"{dataset}/{model}")
           c = run_task(store, space, dataset, model, todo, micro=micro, epochs=epochs,
-                       seed=seed, on_runs=bar.update)
+                       seed=seed, on_runs=bar.update, layout=layouts.get((dataset, model)))
           counts = {k: counts[k] + c[k] for k in counts}
       else:
-        calls = [(_worker, (store.url, space, dataset, model, todo, micro, epochs, seed))
+        calls = [(_worker, (store.url, space, dataset, model, todo, micro, epochs, seed,
+                            layouts.get((dataset, model))))
                  for dataset, model, todo, micro in jobs]
         counts = _parallel(calls, min(workers, len(jobs)), bar, counts)
     if claiming:  # every run is stored now: those this call did not add were skipped

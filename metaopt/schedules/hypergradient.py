@@ -157,6 +157,60 @@ def _zero_after(x: jax.Array) -> jax.Array:
   return jnp.where(jnp.isfinite(x), x, 0.0) * 0.0
 
 
+class _AdamStep(NamedTuple):
+  """What an Adam-HD update starts from (both implementations)."""
+  count: jax.Array       # steps taken after this one
+  prev_c1: jax.Array     # bias corrections of step t - 1 (u_0 = 0: any non-zero value)
+  prev_c2: jax.Array
+  c1: jax.Array          # and of step t
+  c2: jax.Array
+  grads: list            # leaves of the gradients, and of the moments in the same order
+  treedef: Any
+  mus: list
+  nus: list
+
+
+def _adam_step(updates: PyTree, state, b1, b2) -> _AdamStep:
+  """The step count, bias corrections and flattened gradients and moments of one update
+  of an Adam-HD state (``count``, ``mu``, ``nu``)."""
+  count = optax.safe_increment(state.count)
+  # Bias corrections of step t - 1 (where u_0 = 0: any non-zero value) and t.
+  prev_c1 = jnp.where(state.count > 0, 1 - b1 ** state.count, 1.0)
+  prev_c2 = jnp.where(state.count > 0, 1 - b2 ** state.count, 1.0)
+  c1, c2 = 1 - b1 ** count, 1 - b2 ** count
+  grads, treedef = jax.tree.flatten(updates)
+  mus, nus = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
+  return _AdamStep(count, prev_c1, prev_c2, c1, c2, grads, treedef, mus, nus)
+
+
+def _adam_direction(m: jax.Array, v: jax.Array, c1, c2, eps, eps_root) -> jax.Array:
+  """Adam's direction ``m_hat / (sqrt(v_hat + eps_root) + eps)`` of one leaf."""
+  return (m / c1.astype(m.dtype)) / (jnp.sqrt(v / c2.astype(v.dtype) + eps_root) + eps)
+
+
+def _adam_updates(step: _AdamStep, lrs: jax.Array, zero: jax.Array, *, per_layer: bool,
+                  b1, b2, eps, eps_root) -> tuple[PyTree, PyTree, PyTree]:
+  """Pass 2 of Adam-HD: the new moments and the updates ``-lr * u_t`` (``lrs[i]`` for leaf
+  ``i`` with ``per_layer``), as trees.
+
+  ``zero`` is a 0 computed from pass 1: the moment updates overwrite mu and nu in place;
+  making them depend on h orders pass 1 first, otherwise XLA keeps a copy of the old
+  moments for it (two extra parameter-sized copies per step). The casts keep the moments
+  and updates in the params' dtype when b1, b2, eps or eps_root are float32 arrays
+  (traced or injected) and the params are not; they are no-ops otherwise.
+  """
+  out = []
+  for i, (g, m, v) in enumerate(zip(step.grads, step.mus, step.nus)):
+    lr = lrs[i] if per_layer else lrs
+    m_dtype, v_dtype = m.dtype, v.dtype
+    m = ((1 - b1) * g + b1 * (m + zero.astype(m.dtype))).astype(m_dtype)
+    v = ((1 - b2) * (g ** 2) + b2 * (v + zero.astype(v.dtype))).astype(v_dtype)
+    u = _adam_direction(m, v, step.c1, step.c2, eps, eps_root)
+    out.append((((-lr).astype(u.dtype) * u).astype(m_dtype), m, v))
+  new_updates, mu, nu = (step.treedef.unflatten([o[i] for o in out]) for i in range(3))
+  return new_updates, mu, nu
+
+
 def hypergradient_lr(
     direction: Union[optax.GradientTransformation, optax.GradientTransformationExtraArgs],
     learning_rate: Optional[float] = None,
@@ -364,21 +418,13 @@ def hypergradient_adam(
     del params, extra_args
     check_float_updates(updates, "hypergradient_adam")
     lr = _next_lr(rule, state.learning_rate, state.hypergradient)
-    count = optax.safe_increment(state.count)
-    # Bias corrections of step t - 1 (where u_0 = 0: any non-zero value) and t.
-    prev_c1 = jnp.where(state.count > 0, 1 - b1 ** state.count, 1.0)
-    prev_c2 = jnp.where(state.count > 0, 1 - b2 ** state.count, 1.0)
-    c1, c2 = 1 - b1 ** count, 1 - b2 ** count
-
-    grads, treedef = jax.tree.flatten(updates)
-    mus, nus = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
+    step = _adam_step(updates, state, b1, b2)
 
     # Pass 1: the hypergradient h_t = <g_t, u_{t-1}>, u_{t-1} recomputed from
     # the moments before they are updated.
     products = [[], [], []]  # g * u_prev, g * g, u_prev * u_prev
-    for g, m, v in zip(grads, mus, nus):
-      u_prev = (m / prev_c1.astype(m.dtype)) / (
-          jnp.sqrt(v / prev_c2.astype(v.dtype) + eps_root) + eps)
+    for g, m, v in zip(step.grads, step.mus, step.nus):
+      u_prev = _adam_direction(m, v, step.prev_c1, step.prev_c2, eps, eps_root)
       products[0].append(_partial_sum(g * u_prev))
       if rule.multiplicative:
         products[1].append(_partial_sum(g * g))
@@ -387,22 +433,10 @@ def hypergradient_adam(
             for p in products]
     signal = _signal(rule, *sums)
 
-    # Pass 2: Adam. The moment updates overwrite mu and nu in place; making
-    # them depend on h orders pass 1 first, otherwise XLA keeps a copy of the
-    # old moments for it (two extra parameter-sized copies per step).
-    # The casts keep the moments and updates in the params' dtype when b1, b2,
-    # eps or eps_root are float32 arrays (traced or injected) and the params are
-    # not; they are no-ops otherwise.
-    zero = _zero_after(sums[0])
-    out = []
-    for g, m, v in zip(grads, mus, nus):
-      m_dtype, v_dtype = m.dtype, v.dtype
-      m = ((1 - b1) * g + b1 * (m + zero.astype(m.dtype))).astype(m_dtype)
-      v = ((1 - b2) * (g ** 2) + b2 * (v + zero.astype(v.dtype))).astype(v_dtype)
-      u = (m / c1.astype(m.dtype)) / (jnp.sqrt(v / c2.astype(v.dtype) + eps_root) + eps)
-      out.append((((-lr).astype(u.dtype) * u).astype(m_dtype), m, v))
-    new_updates, mu, nu = (treedef.unflatten([o[i] for o in out]) for i in range(3))
-    return new_updates, HypergradientAdamState(count, mu, nu, lr, signal)
+    # Pass 2: Adam, ordered after pass 1 (see _adam_updates).
+    new_updates, mu, nu = _adam_updates(step, lr, _zero_after(sums[0]), per_layer=False,
+                                        b1=b1, b2=b2, eps=eps, eps_root=eps_root)
+    return new_updates, HypergradientAdamState(step.count, mu, nu, lr, signal)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -438,19 +472,12 @@ def _hypergradient_adam_variant(learning_rate, rule: _Rule, *, b1, b2, eps, eps_
     del params, extra_args
     check_float_updates(updates, "hypergradient_adam")
     lrs = next_lrs(state)
-    count = optax.safe_increment(state.count)
-    prev_c1 = jnp.where(state.count > 0, 1 - b1 ** state.count, 1.0)
-    prev_c2 = jnp.where(state.count > 0, 1 - b2 ** state.count, 1.0)
-    c1, c2 = 1 - b1 ** count, 1 - b2 ** count
-
-    grads, treedef = jax.tree.flatten(updates)
-    mus, nus = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
+    step = _adam_step(updates, state, b1, b2)
 
     # Pass 1, as in hypergradient_adam: <g_t, u_{t-1}> (and the norms), per leaf.
     products = [[], [], []]
-    for g, m, v in zip(grads, mus, nus):
-      u_prev = (m / prev_c1.astype(m.dtype)) / (
-          jnp.sqrt(v / prev_c2.astype(v.dtype) + eps_root) + eps)
+    for g, m, v in zip(step.grads, step.mus, step.nus):
+      u_prev = _adam_direction(m, v, step.prev_c1, step.prev_c2, eps, eps_root)
       pairs = ((g, u_prev), (g, g), (u_prev, u_prev)) if rule.multiplicative else ((g, u_prev),)
       for i, (x, y) in enumerate(pairs):
         products[i].append(_partial_sum(x * y))
@@ -470,20 +497,13 @@ def _hypergradient_adam_variant(learning_rate, rule: _Rule, *, b1, b2, eps, eps_
       hyper_nu = jnp.where(ok, hyper_b2 * hyper_nu + (1 - hyper_b2) * h * h, hyper_nu)
       hyper_mu, hyper_nu = hyper_mu.astype(jnp.float32), hyper_nu.astype(jnp.float32)
 
-    # Pass 2: Adam, each leaf scaled by its LR; ordered after pass 1 (see hypergradient_adam).
-    zero = _zero_after(jnp.sum(sums[0]))
-    out = []
-    for i, (g, m, v) in enumerate(zip(grads, mus, nus)):
-      lr = lrs[i] if per_layer else lrs
-      m_dtype, v_dtype = m.dtype, v.dtype
-      m = ((1 - b1) * g + b1 * (m + zero.astype(m.dtype))).astype(m_dtype)
-      v = ((1 - b2) * (g ** 2) + b2 * (v + zero.astype(v.dtype))).astype(v_dtype)
-      u = (m / c1.astype(m.dtype)) / (jnp.sqrt(v / c2.astype(v.dtype) + eps_root) + eps)
-      out.append((((-lr).astype(u.dtype) * u).astype(m_dtype), m, v))
-    new_updates, mu, nu = (treedef.unflatten([o[i] for o in out]) for i in range(3))
+    # Pass 2: Adam, each leaf scaled by its LR; ordered after pass 1 (see _adam_updates).
+    new_updates, mu, nu = _adam_updates(step, lrs, _zero_after(jnp.sum(sums[0])),
+                                        per_layer=per_layer, b1=b1, b2=b2, eps=eps,
+                                        eps_root=eps_root)
     shown_lr = jnp.exp(jnp.mean(jnp.log(lrs))) if per_layer else lrs
     return new_updates, HypergradientAdamVariantState(
-        count, mu, nu, shown_lr.astype(jnp.float32), lrs, signal.astype(jnp.float32),
+        step.count, mu, nu, shown_lr.astype(jnp.float32), lrs, signal.astype(jnp.float32),
         hyper_mu, hyper_nu)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -112,7 +112,7 @@ class Task:
     losses = self.objective.losses(outputs, batch["y"])
     if "weight" not in batch:
       return losses.mean()
-    return jnp.sum(losses * batch["weight"]) / jnp.maximum(jnp.sum(batch["weight"]), 1.0)
+    return objectives.weighted_mean(losses, batch["weight"])
 
   def loss(self, params: Any, batch: dict[str, Any], *, dropout_rate: Any = None,
            key: jax.Array | None = None, model_kwargs: dict | None = None) -> jax.Array:
@@ -141,11 +141,16 @@ class Task:
     return self._mean_loss(outputs, batch), model_state
 
   def metrics(self, params: Any, x: Any, y: Any, model_state: dict | None = None, *,
-              model_kwargs: dict | None = None) -> dict[str, jax.Array]:
+              model_kwargs: dict | None = None, weight: Any = None) -> dict[str, jax.Array]:
     """Mean loss and the objective's metrics (always ``accuracy``) over a whole split,
-    in inference mode (running BatchNorm statistics)."""
+    in inference mode (running BatchNorm statistics). ``weight``: per-example 0/1 of a
+    padded split (only the rows weighted 1 count)."""
     outputs, _ = self._apply(params, model_state, x, train=False, model_kwargs=model_kwargs)
-    return {"loss": self.objective.losses(outputs, y).mean(), **self.objective.metrics(outputs, y)}
+    losses = self.objective.losses(outputs, y)
+    if weight is None:
+      return {"loss": losses.mean(), **self.objective.metrics(outputs, y)}
+    return {"loss": objectives.weighted_mean(losses, weight),
+            **self.objective.metrics(outputs, y, weight=weight)}
 
   def sample_batch(
       self,
@@ -154,12 +159,15 @@ class Task:
       split: str = "train",
       batch_size: int | None = None,
   ) -> dict[str, Any]:
-    """A uniformly sampled (with replacement) batch; `split` and `batch_size` are static."""
+    """A uniformly sampled (with replacement) batch; `split` and `batch_size` are static.
+    A padded split (``arrays["n_<split>"]``, may be traced) is sampled from its first
+    ``n_<split>`` rows."""
     if split not in SPLITS:
       raise ValueError(f"unknown split {split!r}; accepted: {', '.join(SPLITS)}")
     batch_size = self.config.batch_size if batch_size is None else batch_size
     x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-    idx = jax.random.randint(key, (batch_size,), 0, jax.tree.leaves(x)[0].shape[0])
+    n = arrays.get(f"n_{split}", jax.tree.leaves(x)[0].shape[0])
+    idx = jax.random.randint(key, (batch_size,), 0, n)
     return {"x": jax.tree.map(lambda a: a[idx], x), "y": jax.tree.map(lambda a: a[idx], y)}
 
 

@@ -82,12 +82,22 @@ class MLP(nn.Module):
   num_classes: int
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, dropout_rate=None, active_depth=None) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, dropout_rate=None, active_depth=None,
+               active_classes=None) -> jnp.ndarray:
     x = x.reshape((x.shape[0], -1))
     for i, width in enumerate(self.hidden):
       y = dropout(self, nn.relu(nn.Dense(width)(x)), dropout_rate)
       x = y if i == 0 else _skip(i, active_depth, y, x)  # the first changes the width
-    return nn.Dense(self.num_classes)(x)
+    return mask_classes(nn.Dense(self.num_classes)(x), active_classes)
+
+
+def mask_classes(logits: jnp.ndarray, active_classes) -> jnp.ndarray:
+  """Logits of the first ``active_classes`` (may be traced) classes; the others get a
+  logit of -1e30: softmax gives them probability 0 and their weights zero gradients,
+  so a head padded with zero columns computes what the unpadded head computes."""
+  if active_classes is None:
+    return logits
+  return jnp.where(jnp.arange(logits.shape[-1]) < active_classes, logits, -1e30)
 
 
 class CNN(nn.Module):
