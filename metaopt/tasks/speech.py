@@ -24,6 +24,17 @@ frames, zero-padded to a fixed T), labels ``{"labels": [N, L] int32, "label_leng
 [N] int32}`` (character ids, 0-padded). Character ids: 0 is the CTC blank, then
 :data:`VOCAB`. LibriSpeech is read through ``tfds.data_source`` and grain
 (:func:`speech_batches`, :func:`load_librispeech`).
+
+Features are computed per batch from raw audio in one jitted call (:func:`batch_log_mel`)
+over each utterance's real frames only: the batch's audio is packed back to back,
+transformed, and the frames are scattered into the fixed padded layout inside that call,
+so a batch costs in proportion to its audio, not to its padding (a ``spoken_words``
+batch is about half padding). The batch keeps its fixed shape, so the training step
+compiles once; the packed size is rounded to one of a few sizes, so the feature call
+compiles a few times. Features are not cached per utterance: a streamed corpus is read in
+a new order every epoch and its features would have to be held for the whole corpus;
+the in-memory datasets (:func:`load_spoken_words`, :func:`load_librispeech`) compute
+them once, when they are built.
 """
 
 from __future__ import annotations
@@ -142,27 +153,41 @@ def _as_float(audio) -> np.ndarray:
   return a.astype(np.float32)
 
 
+def _frame_bucket(n: int) -> int:
+  """``n`` rounded up to a multiple of an eighth of its leading power of two (at most
+  12.5% more, 8 sizes per doubling), so batches of varying total length share a few
+  compiled shapes."""
+  shift = max(0, n.bit_length() - 4)
+  return -(-n >> shift) << shift
+
+
 @functools.partial(jax.jit, static_argnames=("config", "frames"))
-def _log_mel_batch(audio: jax.Array, num_samples: jax.Array, config: LogMelConfig,
-                   frames: int) -> tuple[jax.Array, jax.Array]:
-  """[B, S] zero-padded audio -> ([B, frames, n_mels] features, [B] frame counts)."""
+def _log_mel_packed(blocks: jax.Array, starts: jax.Array, lengths: jax.Array,
+                    config: LogMelConfig, frames: int) -> tuple[jax.Array, jax.Array]:
+  """Log-mel features of utterances packed back to back, computed for their real frames
+  only: ``blocks`` [P + k - 1, hop] holds each utterance's samples in ``lengths[i] + k -
+  1`` hop-sized blocks from block ``starts[i]`` on (k = ceil(frame_length / hop), zeros
+  after the samples). A frame starts at every block, so utterance i's frame j is frame
+  ``starts[i] + j``; the k - 1 frames straddling two utterances and the frames past the
+  last one are computed and dropped. Returns ([B, frames, n_mels] features, zero past
+  each utterance's ``lengths``, and ``lengths``)."""
   window = jnp.asarray(np.hanning(config.frame_length + 1)[:-1], jnp.float32)
-  # Frames from hop-sized blocks (a reshape and k slices, cheaper than a gather).
-  hop, k = config.hop_length, -(-config.frame_length // config.hop_length)
-  blocks = jnp.pad(audio, ((0, 0), (0, (frames + k - 1) * hop - audio.shape[1])))
-  blocks = blocks.reshape(audio.shape[0], frames + k - 1, hop)
-  framed = jnp.concatenate([blocks[:, j:j + frames] for j in range(k)], axis=-1)
-  spectrum = jnp.fft.rfft(framed[..., :config.frame_length] * window, n=config.n_fft)
+  # Frames from hop-sized blocks (k slices, cheaper than a gather).
+  k = -(-config.frame_length // config.hop_length)
+  positions = blocks.shape[0] - k + 1
+  framed = jnp.concatenate([blocks[j:j + positions] for j in range(k)], axis=-1)
+  spectrum = jnp.fft.rfft(framed[:, :config.frame_length] * window, n=config.n_fft)
   power = spectrum.real ** 2 + spectrum.imag ** 2
-  mel = jnp.log(power @ jnp.asarray(mel_filterbank(config)) + 1e-6)
-  lengths = 1 + jnp.maximum(0, num_samples - config.frame_length) // config.hop_length
-  valid = (jnp.arange(frames)[None, :] < lengths[:, None])[..., None]
+  mel = jnp.log(power @ jnp.asarray(mel_filterbank(config)) + 1e-6)  # [positions, n_mels]
+  t = jnp.arange(frames)[None, :]
+  mel = mel[starts[:, None] + jnp.minimum(t, lengths[:, None] - 1)]  # [B, frames, n_mels]
+  valid = (t < lengths[:, None])[..., None]
   if config.normalize:
     count = lengths[:, None, None].astype(jnp.float32)
     mean = jnp.sum(jnp.where(valid, mel, 0.0), axis=1, keepdims=True) / count
     var = jnp.sum(jnp.where(valid, jnp.square(mel - mean), 0.0), axis=1, keepdims=True) / count
     mel = (mel - mean) / (jnp.sqrt(var) + 1e-3)
-  return jnp.where(valid, mel, 0.0), lengths.astype(jnp.int32)
+  return jnp.where(valid, mel, 0.0), lengths
 
 
 def batch_log_mel(audios: Sequence[Any], sample_rate: int, *,
@@ -171,7 +196,12 @@ def batch_log_mel(audios: Sequence[Any], sample_rate: int, *,
   """Log-mel features of a batch of utterances in one jitted call: ``{"features": [N,
   max_frames, n_mels] float32 zero-padded, "lengths": [N] int32}``. ``max_frames``
   None: the longest utterance's count rounded up to a multiple of 8. Integer audio
-  is read as 16-bit PCM."""
+  is read as 16-bit PCM.
+
+  Only the utterances' real frames are transformed: the audio is packed back to back
+  (:func:`_log_mel_packed`, the total frame count rounded up to one of a few sizes)
+  and the features are scattered into the padded ``[N, max_frames]`` layout inside
+  the same call, so the cost follows the audio's length, not the padding's."""
   check_sample_rate(sample_rate, config)
   floats = [_as_float(a) for a in audios]
   counts = [num_frames(len(a), config) for a in floats]
@@ -180,12 +210,19 @@ def batch_log_mel(audios: Sequence[Any], sample_rate: int, *,
   if max(counts) > frames:
     i = int(np.argmax(counts))
     raise ValueError(f"utterance {i} has {counts[i]} frames, more than max_frames={frames}")
-  buf = np.zeros((len(floats), (frames - 1) * config.hop_length + config.frame_length),
-                 np.float32)
-  for i, a in enumerate(floats):  # samples past the last whole frame are not needed
-    buf[i, :min(len(a), buf.shape[1])] = a[:buf.shape[1]]
-  num_samples = np.asarray([min(len(a), buf.shape[1]) for a in floats], np.int32)
-  features, lengths = _log_mel_batch(buf, num_samples, config, frames)
+  hop, k = config.hop_length, -(-config.frame_length // config.hop_length)
+  sizes = np.asarray(counts, np.int64) + (k - 1)  # blocks per utterance
+  starts = np.concatenate([[0], np.cumsum(sizes[:-1])])
+  # Frames computed: the real ones, k - 1 between utterances, rounded up; never more
+  # than padding every utterance to `frames` would give.
+  positions = min(_frame_bucket(int(sizes.sum()) - (k - 1)),
+                  len(floats) * (frames + k - 1) - (k - 1))
+  buf = np.zeros((positions + k - 1) * hop, np.float32)
+  for a, start, size in zip(floats, starts, sizes):  # samples past the last whole frame
+    n = min(len(a), int(size) * hop)                  # are not needed
+    buf[int(start) * hop:int(start) * hop + n] = a[:n]
+  features, lengths = _log_mel_packed(buf.reshape(-1, hop), starts.astype(np.int32),
+                                      np.asarray(counts, np.int32), config, frames)
   return {"features": np.asarray(features), "lengths": np.asarray(lengths)}
 
 
