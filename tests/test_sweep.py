@@ -407,12 +407,12 @@ def test_padded_init_is_each_runs_own_task_init_bit_for_bit():
 
 def test_datasets_of_a_layout_share_one_program_and_train_as_unpadded(tmp_path, monkeypatch):
   S._PROGRAMS.clear()
-  kw = dict(datasets=["iris", "wine"], models=["mlp"], space=SPACE, trials_per_task=3,
-            epochs=2, progress=False)
-  assert S.sweep(tmp_path / "shared.db", **kw).added == 6
+  kw = dict(datasets=["iris", "wine"], models=["mlp"], space=SPACE, trials_per_task=2,
+            epochs=1, progress=False)
+  assert S.sweep(tmp_path / "shared.db", **kw).added == 4
   assert len(S._PROGRAMS) == 1  # one compiled training program for both datasets
   monkeypatch.setattr(S, "SHARED", ())  # one program per task, unpadded
-  assert S.sweep(tmp_path / "own.db", **kw).added == 6
+  assert S.sweep(tmp_path / "own.db", **kw).added == 4
   with RunStore(tmp_path / "shared.db") as a, RunStore(tmp_path / "own.db") as b:
     shared, own = {r.run_key: r for r in a.runs()}, {r.run_key: r for r in b.runs()}
   assert sorted(shared) == sorted(own)
