@@ -304,10 +304,12 @@ def group_key(h: dict, model: str) -> tuple[int, int]:
   return (0 if model in MASK_DEPTH else h["layers"], h["width"])
 
 
-def _shaped(task, depth: int):
-  """``task`` with its model at ``depth`` layers (the same data)."""
+def _shaped(task, depth: int, num_classes: Optional[int] = None):
+  """``task`` with its model at ``depth`` layers (the same data), and ``num_classes``
+  outputs (default the data's; more for a padded layout's head)."""
   cfg = task.config._replace(depth=depth)
-  model = make_model(cfg.model, width=cfg.width, depth=depth, num_classes=task.data.num_classes,
+  model = make_model(cfg.model, width=cfg.width, depth=depth,
+                     num_classes=num_classes or task.data.num_classes,
                      image_shape=task.data.image_shape, info=task.data.info)
   return dataclasses.replace(task, config=cfg, model=model)
 
@@ -461,14 +463,6 @@ def _padded_init(layout: PadLayout, width: int, deep: int):
   return init
 
 
-def _padded_model_task(task, layout: PadLayout, depth: int):
-  """``task`` with its model at ``depth`` layers and the layout's input and class counts."""
-  cfg = task.config._replace(depth=depth)
-  model = make_model(cfg.model, width=cfg.width, depth=depth, num_classes=layout.classes,
-                     info=task.data.info)
-  return dataclasses.replace(task, config=cfg, model=model)
-
-
 def run_group(store: RunStore, dataset: str, model: str, configs: dict[int, dict],
               keys: dict[int, str], *, micro: int, epochs: int, seed: int,
               on_runs: Callable[[int], None] = lambda n: None,
@@ -551,7 +545,7 @@ def _train_padded(task, layout: PadLayout, hparams: dict, depths: Sequence[int],
   (compiled once per process for every dataset of the layout); the result as unpadded."""
   deep = max(depths)
   per_epoch = train.steps_per_epoch(task)
-  program = _padded_model_task(task, layout, deep)
+  program = _shaped(task, deep, layout.classes)
   arrays = train.pad_splits(task.arrays(), dict(zip(("train", "val", "test"), layout.rows)),
                             layout.features, eval_every=per_epoch)
   full = lambda v: jnp.full(len(depths), v, jnp.int32)
