@@ -1,9 +1,11 @@
 """`metaopt run adaptive-lr`: adaptive LR methods against fixed schedules, with early stopping.
 
-Methods on every offline dataset (an MLP, Adam-style directions, LR 1e-3):
-Adam at a constant LR (1e-3, and tuned on validation accuracy over a small
-grid), step decay, cosine, reduce-on-plateau, hypergradient SGD and Adam, and
-the learned controller shipped with metaopt. The validation split is evaluated
+Methods on every dataset (an MLP by default; ``model`` picks another family), on the
+base optimizer (``optimizer``: Adam by default, AdamW or SGD with momentum) at
+``learning_rate`` (1e-3): a constant LR (that one, and tuned on validation accuracy over
+a small grid), step decay, cosine, reduce-on-plateau, hypergradient SGD and Adam, the
+learned controller shipped with metaopt (on Adam or AdamW) and optax.contrib's
+self-tuning optimizers. The validation split is evaluated
 once per epoch and fed to the optimizer; every method stops early after
 ``patience`` epochs without a 1% relative improvement of the validation loss
 (``plateau_lr``'s own signal for plateau, ``early_stopping`` chained after the
@@ -24,47 +26,62 @@ import optax
 
 from metaopt import config as config_lib
 from metaopt import report
-from metaopt.experiments.lr_schedule import SELF_TUNING_LABELS
+from metaopt.experiments.lr_schedule import SELF_TUNING_LABELS, pretrained_optimizer
 from metaopt.experiments.protocol import (TTT_COLUMNS, Result, best_index, curve_rows, finish,
                                           lr_curve, lr_stability, plot_method_curves,
                                           seed_keys, time_to_target, train_and_record)
 from metaopt.schedules import learned_lr
-from metaopt.schedules.baselines import SELF_TUNING, self_tuning, unit_schedule
+from metaopt.schedules.baselines import SELF_TUNING, BaseOptimizer, scheduled, self_tuning
 from metaopt.schedules.hypergradient import hypergradient_adam, hypergradient_sgd
 from metaopt.schedules.plateau import early_stopping, plateau_lr
 from metaopt.tasks import DATASETS, TaskConfig, make_task
+from metaopt.tasks.data import dataset_names
+from metaopt.tasks.models import VMAPPED, model_kinds
+from metaopt.tasks.tfds_data import using_data_dir
 from metaopt.train import steps_per_epoch
 from metaopt.validation import check_choice, check_int, check_number, check_positive, check_seed
+
+
+ADAPTIVE = ("plateau", "hd_sgd", "hd_adam")
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
   datasets: tuple[str, ...] = DATASETS
+  model: str = "mlp"
   width: int = 64
   depth: int = 2
   batch_size: int = 32
   epochs: int = 50
   seeds: int = 3
   learning_rate: float = 1e-3
+  optimizer: BaseOptimizer = BaseOptimizer()  # what every scheduled method's LR scales
+  dropout: float = 0.0            # dropout rate in training, for every method
   patience: int = 10              # evaluations (epochs) without improvement before stopping
   rtol: float = 0.01              # relative improvement that resets the patience count
   hd_sgd_lr: float = 0.01         # initial LR of hypergradient SGD
+  adaptive: tuple[str, ...] = ADAPTIVE  # the adaptive methods to run (each is a program)
   tune_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)  # constant-Adam grid (must hold learning_rate)
   start_factors: tuple[float, ...] = (10.0, 0.1)    # Adam-HD starts, relative to the tuned LR
   threshold: float = 1.1          # val-loss target: this times the best final val loss on the task
   include_pretrained: bool = True
   self_tuning: tuple[str, ...] = tuple(SELF_TUNING)  # optax.contrib baselines, at defaults
   seed: int = 0
+  data_dir: Optional[str] = None  # prepared tfds data (default: $TFDS_DATA_DIR)
   store: Optional[str] = None     # run store (SQLite file) recording every training run
 
   def __post_init__(self):
     if not self.datasets:
       raise ValueError("datasets must name at least one dataset")
     for name in self.datasets:
-      check_choice("dataset", name, DATASETS)
+      check_choice("dataset", name, dataset_names())
+    check_choice("model", self.model, model_kinds())
+    check_number("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
     for name in ("width", "depth", "batch_size", "epochs", "seeds", "patience"):
       check_int(name, getattr(self, name))
     check_seed("seed", self.seed)
+    for name in self.adaptive:
+      check_choice("adaptive method", name, ADAPTIVE)
     for name in ("learning_rate", "hd_sgd_lr", "threshold"):
       check_positive(name, getattr(self, name))
     check_number("rtol", self.rtol, low=0.0, high=1.0)
@@ -112,17 +129,21 @@ def without_extra_args(tx, *names: str) -> optax.GradientTransformationExtraArgs
 SCHEDULE_NAMES = ("constant", "step", "cosine")
 
 
-def scheduled_adam(config: Config, steps: int):
-  """``make_tx({"lr", "schedule"})``: Adam with a traced peak LR and schedule index, so
-  the constant-LR grid, step decay and cosine share one compiled program."""
-  units = [lambda count, u=unit_schedule(name, steps): jnp.asarray(u(count), jnp.float32)
-           for name in SCHEDULE_NAMES]
+def scheduled_base(config: Config, steps: int):
+  """``make_tx({"lr", "schedule"})``: the base optimizer with a traced peak LR and schedule
+  index, so the constant-LR grid, step decay and cosine share one compiled program."""
+  make = scheduled(SCHEDULE_NAMES, steps, config.optimizer)
+  return lambda h: optax.chain(make(h), early_stopping(config.patience, rtol=config.rtol))
 
-  def make_tx(h):
-    schedule = lambda count: h["lr"] * jax.lax.switch(h["schedule"], units, count)
-    return optax.chain(optax.inject_hyperparams(optax.adam)(learning_rate=schedule),
-                       early_stopping(config.patience, rtol=config.rtol))
-  return make_tx
+
+def method_labels(config: Config) -> dict:
+  """Report names; "adam_1e-3" is the base optimizer at ``learning_rate`` (Adam 1e-3 by
+  default)."""
+  base = config.optimizer.label
+  lr = config.learning_rate
+  text = f"{lr:.0e}".replace("e-0", "e-") if lr < 0.01 else f"{lr:g}"  # 1e-3, 0.01
+  return dict(LABELS, **{"adam_1e-3": f"{base} {text}",
+                         "tuned_constant": f"tuned constant {base}"})
 
 
 def method_txs(config: Config, steps: int) -> dict:
@@ -131,15 +152,16 @@ def method_txs(config: Config, steps: int) -> dict:
   lr = config.learning_rate
   txs = {
       "plateau": lambda _: optax.chain(
-          optax.scale_by_adam(),
+          config.optimizer.direction(),
           plateau_lr(lr, factor=0.1, rtol=config.rtol, min_lr=1e-6,
                      early_stopping_patience=config.patience)),
       "hd_sgd": lambda _: optax.chain(hypergradient_sgd(config.hd_sgd_lr), stop()),
   }
+  txs = {name: tx for name, tx in txs.items() if name in config.adaptive}
   if config.include_pretrained and learned_lr.PRETRAINED_WEIGHTS.exists():
     # The controller was meta-trained without validation losses: hide them from it.
     txs["pretrained"] = lambda _: optax.chain(
-        optax.scale_by_adam(),
+        pretrained_optimizer(config.optimizer).direction(),
         without_extra_args(learned_lr.pretrained_lr(learning_rate=lr, total_steps=steps), "val_loss"),
         stop())
   for name in config.self_tuning:  # one run each, no tuning; they stop early like the others
@@ -152,19 +174,21 @@ def evaluate_task(config: Config, dataset: str, store=None) -> dict:
 
   ``store``: a RunStore or path that records every training run (None: not recorded).
   """
-  probe = make_task(TaskConfig(dataset, "mlp", config.width, config.depth,
+  probe = make_task(TaskConfig(dataset, config.model, config.width, config.depth,
                                config.batch_size, 1, config.seed))
   every = steps_per_epoch(probe)
   steps = every * config.epochs
   task = make_task(probe.config._replace(total_steps=steps))
   seeds = seed_keys(config.seeds, config.seed)
   stop = lambda: early_stopping(config.patience, rtol=config.rtol)
+  dropout = (lambda _: config.dropout) if config.dropout else None
   out = {"steps": steps, "steps_per_epoch": every, "methods": {}}
   methods = out["methods"]
 
   def train(make_tx, hparams, keys, method: str):
     return train_and_record(task, make_tx, hparams, keys, store=store, steps=steps,
                             eval_every=every, feed_val_loss=True,
+                            vectorize=config.model in VMAPPED, dropout=dropout,
                             run_info={"experiment": "adaptive-lr", "method": method})
 
   def grid(make_tx, hparams: dict, groups: int, method: str):
@@ -172,45 +196,46 @@ def evaluate_task(config: Config, dataset: str, store=None) -> dict:
     res, wall = train(make_tx, hparams, jnp.tile(seeds, (groups, 1)), method)
     return jax.tree.map(lambda x: x.reshape((groups, config.seeds) + x.shape[1:]), res), wall
 
-  # Constant Adam over the tuning grid, step decay and cosine: one program.
+  # Constant over the tuning grid, step decay, and cosine over the tuning grid (the
+  # time-to-target reference, best on validation): one program.
   n = len(config.tune_lrs)
-  lrs = list(config.tune_lrs) + [config.learning_rate] * 2
-  ids = [0] * n + [1, 2]
+  lrs = list(config.tune_lrs) + [config.learning_rate] + list(config.tune_lrs)
+  ids = [0] * n + [1] + [2] * n
   rep = lambda v, dtype: jnp.asarray(np.repeat(np.asarray(v, dtype), config.seeds))
-  res, wall = grid(scheduled_adam(config, steps),
-                   {"lr": rep(lrs, np.float32), "schedule": rep(ids, np.int32)}, n + 2,
-                   "adam_schedules")
-  per_run = wall / (n + 2)  # every row costs the same
+  res, wall = grid(scheduled_base(config, steps),
+                   {"lr": rep(lrs, np.float32), "schedule": rep(ids, np.int32)}, 2 * n + 1,
+                   "schedules")
+  per_run = wall / (2 * n + 1)  # every row costs the same
   pick = lambda j: jax.tree.map(lambda x: x[j], res)
-  best = best_index(res.val_accuracy[:n, :, -1].mean(axis=1), res.val_loss[:n, :, -1].mean(axis=1))
+  final = lambda rows: (res.val_accuracy[rows, :, -1].mean(axis=1),
+                        res.val_loss[rows, :, -1].mean(axis=1))
+  best = best_index(*final(slice(0, n)))
   tuned_lr = float(config.tune_lrs[best])
-  methods["adam_1e-3"] = dict(curves=pick(list(config.tune_lrs).index(config.learning_rate)),
-                              wall_time=per_run, runs=config.seeds, lr=config.learning_rate)
+  at_lr = list(config.tune_lrs).index(config.learning_rate)
+  methods["adam_1e-3"] = dict(curves=pick(at_lr), wall_time=per_run, runs=config.seeds,
+                              lr=config.learning_rate)
   methods["tuned_constant"] = dict(curves=pick(best), wall_time=per_run, runs=config.seeds,
                                    lr=tuned_lr, grid=n)
   methods["step"] = dict(curves=pick(n), wall_time=per_run, runs=config.seeds, lr=None)
-  methods["cosine"] = dict(curves=pick(n + 1), wall_time=per_run, runs=config.seeds, lr=None)
-  out["tuning"] = dict(lrs=list(config.tune_lrs),
-                       val_accuracy=res.val_accuracy[:n, :, -1].mean(axis=1))
-
-  # Cosine over the tuning grid, best on validation: the time-to-target reference.
-  res, wall = grid(scheduled_adam(config, steps), {"lr": rep(config.tune_lrs, np.float32),
-                                                   "schedule": rep([2] * n, np.int32)}, n,
-                   "cosine_grid")
-  best = best_index(res.val_accuracy[:, :, -1].mean(axis=1), res.val_loss[:, :, -1].mean(axis=1))
-  methods["tuned_cosine"] = dict(curves=jax.tree.map(lambda x: x[best], res), wall_time=wall,
+  methods["cosine"] = dict(curves=pick(n + 1 + at_lr), wall_time=per_run, runs=config.seeds,
+                           lr=None)
+  out["tuning"] = dict(lrs=list(config.tune_lrs), val_accuracy=final(slice(0, n))[0])
+  best = best_index(*final(slice(n + 1, 2 * n + 1)))
+  methods["tuned_cosine"] = dict(curves=pick(n + 1 + best), wall_time=n * per_run,
                                  runs=n * config.seeds, lr=float(config.tune_lrs[best]), grid=n)
 
-  # Hypergradient Adam from learning_rate, and (the quality target) from 10x and 0.1x the
-  # tuned constant LR, default beta: one program.
-  starts = [config.learning_rate] + [f * tuned_lr for f in config.start_factors]
-  hd = lambda lr0: optax.chain(hypergradient_adam(lr0), stop())
-  res, wall = grid(hd, rep(starts, np.float32), len(starts), "hd_adam")
-  pick = lambda j: jax.tree.map(lambda x: x[j], res)
-  methods["hd_adam"] = dict(curves=pick(0), wall_time=wall / len(starts), runs=config.seeds,
-                            lr=config.learning_rate)
-  out["hd_starts"] = {f"{f:g}x": dict(curves=pick(j + 1), initial_lr=f * tuned_lr)
-                      for j, f in enumerate(config.start_factors)}
+  out["hd_starts"] = {}
+  if "hd_adam" in config.adaptive:
+    # Hypergradient Adam from learning_rate, and (the quality target) from 10x and 0.1x the
+    # tuned constant LR, default beta: one program.
+    starts = [config.learning_rate] + [f * tuned_lr for f in config.start_factors]
+    hd = lambda lr0: optax.chain(hypergradient_adam(lr0), stop())
+    res, wall = grid(hd, rep(starts, np.float32), len(starts), "hd_adam")
+    pick = lambda j: jax.tree.map(lambda x: x[j], res)
+    methods["hd_adam"] = dict(curves=pick(0), wall_time=wall / len(starts), runs=config.seeds,
+                              lr=config.learning_rate)
+    out["hd_starts"] = {f"{f:g}x": dict(curves=pick(j + 1), initial_lr=f * tuned_lr)
+                        for j, f in enumerate(config.start_factors)}
 
   for name, make_tx in method_txs(config, steps).items():
     res, wall = train(make_tx, jnp.zeros(config.seeds), seeds, name)
@@ -225,7 +250,7 @@ def _epochs_to(curves, target: float) -> tuple[Optional[float], int]:
   return (float(np.mean(hits)) if hits else None), len(hits)
 
 
-def table_rows(results: dict) -> list[dict]:
+def table_rows(results: dict, labels: dict = LABELS) -> list[dict]:
   rows = []
   for dataset, r in results.items():
     methods = r["methods"]
@@ -241,7 +266,7 @@ def table_rows(results: dict) -> list[dict]:
       per_step = methods[m]["wall_time"] / (methods[m]["runs"] * r["steps"])
       var, tv = lr_stability(c)
       rows.append({
-          "task": dataset, "method": LABELS[m],
+          "task": dataset, "method": labels[m],
           "test acc": float(c.test_accuracy[:, -1].mean()),
           "acc std": float(c.test_accuracy[:, -1].std()),
           "test loss": float(c.test_loss[:, -1].mean()),
@@ -273,6 +298,8 @@ def quality_target(results: dict, tolerance: float = 0.02) -> dict:
   """Adam-HD from each start vs the tuned constant LR: final test accuracy, PASS within 2%."""
   out = {}
   for dataset, r in results.items():
+    if not r["hd_starts"]:  # hypergradient Adam not among config.adaptive
+      continue
     tuned = r["methods"]["tuned_constant"]
     tuned_acc = float(tuned["curves"].test_accuracy[:, -1].mean())
     row = {"tuned_lr": tuned["lr"], "tuned_acc": tuned_acc, "starts": {}}
@@ -288,10 +315,11 @@ def quality_target(results: dict, tolerance: float = 0.02) -> dict:
 
 
 def write_report(out, config: Config, results: dict, timings: dict) -> Result:
-  rows = table_rows(results)
+  all_labels = method_labels(config)
+  rows = table_rows(results, all_labels)
   target = quality_target(results)
   curves = {d: {m: v["curves"] for m, v in r["methods"].items()} for d, r in results.items()}
-  labels = {m: LABELS[m] for m in METHODS}
+  labels = {m: all_labels[m] for m in METHODS}
   plot_method_curves(out / "lr.png", curves, labels, lr_curve, ylabel="learning rate",
                      logy=True, ymin=1e-7)
   plot_method_curves(out / "val_loss.png", curves, labels,
@@ -302,14 +330,16 @@ def write_report(out, config: Config, results: dict, timings: dict) -> Result:
   passed = sum(t["passed"] for t in target.values())
   lines = [
       "# Adaptive learning rates vs fixed schedules", "",
-      f"MLP {config.width}x{config.depth}, batch {config.batch_size}, up to {config.epochs} "
-      f"epochs, validation split 0.2 evaluated every epoch and fed to the optimizer, "
+      f"{config.model} {config.width}x{config.depth}, batch {config.batch_size}, "
+      f"up to {config.epochs} epochs, validation split 0.2 evaluated every epoch and fed to the optimizer, "
       f"{config.seeds} seed(s) per method. Every method stops after {config.patience} epochs "
       f"without a {config.rtol:.0%} relative improvement of the validation loss "
       "(reduce on plateau: its own signal; the others: `early_stopping` chained after). "
       "Test numbers are at the step training stopped (no restore of the best weights), mean and "
-      "std over seeds. LR 1e-3 for every Adam method; hypergradient SGD starts at "
-      f"{config.hd_sgd_lr:g}; tuned constant Adam is best of {list(config.tune_lrs)} on final "
+      f"std over seeds. Base optimizer {config.optimizer.label} at LR {config.learning_rate:g} "
+      "for the fixed schedules and reduce on plateau (the shipped controller: "
+      f"{pretrained_optimizer(config.optimizer).label}); hypergradient SGD starts at "
+      f"{config.hd_sgd_lr:g}; the tuned constant is best of {list(config.tune_lrs)} on final "
       "validation accuracy.", "",
       report.markdown_table(rows, COLUMNS), "",
       f"`epochs to target`: mean first epoch whose validation loss is at most {config.threshold}x "
@@ -317,15 +347,18 @@ def write_report(out, config: Config, results: dict, timings: dict) -> Result:
       "(`reached`). `stop epoch`: mean epoch at which early stopping froze training (the "
       "epoch budget if never). `wall s`: compiled wall time of one method's runs (all seeds, "
       "vmapped; early-stopped runs still pay for every step under vmap); `us/step` is that per "
-      "run and step, `step time / Adam` relative to Adam 1e-3. Constant, tuned constant, step "
-      "and cosine Adam run as one program (grid and schedules vmapped together), and "
+      "run and step, `step time / Adam` relative to "
+      f"{all_labels['adam_1e-3']}. The constant and cosine grids and step decay "
+      "run as one program (grid and schedules vmapped together), and "
       "hypergradient Adam with its quality-target starts as another: their time is the "
       "program's divided by its rows. `LR var`, `LR TV`: variance and total variation "
       "(sum of |LR_t - LR_t-1|) of the applied LR until stopping, mean over seeds.", "",
       "## Quality target: hypergradient Adam from a badly chosen LR", "",
       "Adam-HD with its default beta (1e-7), started from 10x and 0.1x the tuned constant "
       "Adam LR, should end within 2% (relative) of the tuned constant LR's final test "
-      f"accuracy. Met on {passed}/{len(target)} tasks.", "",
+      + (f"accuracy. Met on {passed}/{len(target)} tasks." if target else
+         "accuracy. Not measured: hypergradient Adam is not among this run's `adaptive` "
+         "methods."), "",
       "| task | tuned LR | tuned acc | start | initial LR | HD acc | HD std | final LR | "
       "result |", "|---|---|---|---|---|---|---|---|---|"]
   for dataset, t in target.items():
@@ -336,12 +369,12 @@ def write_report(out, config: Config, results: dict, timings: dict) -> Result:
                    f"{'PASS' if s['passed'] else 'FAIL'} |")
   lines += ["", f"Wall time: {timings['total']:.0f} s in all (compilation included).", "",
             "![LR over steps](lr.png)", "", "![validation loss](val_loss.png)", ""]
-  labels = {m: LABELS[m] for m in METHODS}
+  labels = {m: all_labels[m] for m in METHODS}
   ttt_rows, profile = time_to_target({d: r["methods"] for d, r in results.items()},
                                      "tuned_cosine", labels, out)
   ranked = sorted(profile["score"].items(), key=lambda kv: -kv[1])
   lines += ["## Time to target (AlgoPerf style)", "",
-            "Each dataset's target is the final validation accuracy of cosine Adam tuned over "
+            "Each dataset's target is the final validation accuracy of cosine tuned over "
             f"LR {list(config.tune_lrs)} (mean over seeds). A tuned method is charged its "
             "whole grid (its steps plus a full run for every other LR it tried); every other "
             "method one run. Runs that stop early keep their last evaluation. Profile: the "
@@ -349,7 +382,7 @@ def write_report(out, config: Config, results: dict, timings: dict) -> Result:
             "score: the area under it over log tau in [1, 4], normalized.", "",
             report.markdown_table(ttt_rows, TTT_COLUMNS), "",
             "| method | profile score |", "|---|---|",
-            *[f"| {LABELS[m]} | {v:.3f} |" for m, v in ranked], "",
+            *[f"| {all_labels[m]} | {v:.3f} |" for m, v in ranked], "",
             "![performance profile](profile.png)", ""]
   data = {"config": config_lib.to_dict(config), "rows": rows, "quality_target": target,
           "timings": timings,
@@ -382,8 +415,9 @@ def run(config: Config, out, *, progress: bool = True, store=None) -> Result:
   for i, dataset in enumerate(config.datasets):
     print(f"[{i + 1}/{len(config.datasets)}] {dataset}", flush=True)
     t0 = time.perf_counter()
-    results[dataset] = dict(evaluate_task(config, dataset, store=store),
-                            threshold=config.threshold)
+    with using_data_dir(config.data_dir):
+      results[dataset] = dict(evaluate_task(config, dataset, store=store),
+                              threshold=config.threshold)
     timings[dataset] = time.perf_counter() - t0
   timings["total"] = time.perf_counter() - start
   return write_report(out, config, results, timings)

@@ -41,6 +41,8 @@ from metaopt.meta.supervised import SupervisedConfig, train_supervised
 from metaopt.schedules import learned_lr, scale_by_learned_lr
 from metaopt.schedules.baselines import DEFAULT_LRS, SELF_TUNING
 from metaopt.tasks import TaskConfig, make_task, task_family
+from metaopt.tasks.models import VMAPPED
+from metaopt.tasks.tfds_data import using_data_dir
 
 # Episodes and preliminary runs: the lr-schedule training datasets, few shapes (one
 # compiled program per shape), so that meta-training fits the time budget.
@@ -59,6 +61,7 @@ class Config:
   evals: int = 20                    # evaluations per run; the RL policy acts after each
   run_pes: bool = True
   self_tuning: tuple[str, ...] = ()  # optax.contrib baselines, at defaults
+  data_dir: Optional[str] = None     # prepared tfds data (default: $TFDS_DATA_DIR)
   store: Optional[str] = None        # run store recording every evaluation run
 
   def __post_init__(self):
@@ -181,7 +184,7 @@ def evaluate_task(config: Config, task_config: TaskConfig, methods: dict, store=
   for name, make in methods.items():
     res, wall = train_and_record(
         task, lambda _, m=make: m(steps, every), jnp.zeros(config.seeds), keys, store=store,
-        steps=steps, eval_every=every, vectorize=task_config.model != "cnn",
+        steps=steps, eval_every=every, vectorize=task_config.model in VMAPPED,
         feed_val_loss=name == "rl",
         run_info={"experiment": "controllers", "method": name})
     out[name] = dict(curves=res, lr=None, wall_time=wall, runs=config.seeds)
@@ -319,13 +322,14 @@ def run(config: Config, out, *, progress: bool = True, store=None) -> Result:
   """Meta-trains the PES, supervised and RL controllers, evaluates every method on the
   held-out tasks, and writes report.md, results.json and plots into ``out``."""
   store = config.store if store is None else store
-  start = time.perf_counter()
-  methods, compute = meta_train_all(config, out, progress=progress)
-  timings = {"meta_training": time.perf_counter() - start}
-  start = time.perf_counter()
-  results = {}
-  for i, tc in enumerate(config.heldout):
-    print(f"[{i + 1}/{len(config.heldout)}] evaluating on {tc.name}", flush=True)
-    results[tc.name] = evaluate_task(config, tc, methods, store=store)
-  timings["evaluation"] = time.perf_counter() - start
-  return write_report(out, config, results, compute, timings)
+  with using_data_dir(config.data_dir):
+    start = time.perf_counter()
+    methods, compute = meta_train_all(config, out, progress=progress)
+    timings = {"meta_training": time.perf_counter() - start}
+    start = time.perf_counter()
+    results = {}
+    for i, tc in enumerate(config.heldout):
+      print(f"[{i + 1}/{len(config.heldout)}] evaluating on {tc.name}", flush=True)
+      results[tc.name] = evaluate_task(config, tc, methods, store=store)
+    timings["evaluation"] = time.perf_counter() - start
+    return write_report(out, config, results, compute, timings)

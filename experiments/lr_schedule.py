@@ -1,9 +1,11 @@
 """`metaopt run lr-schedule`: meta-train an LR controller, then compare it on held-out tasks.
 
 Methods on every held-out task (datasets and widths the controller never saw):
-Adam at a constant 1e-3; best-of-grid constant, step, and cosine (with and
-without warmup) Adam; the controller meta-trained by this run; and the
-controller shipped with metaopt. Grids are tuned on the final validation
+Adam at a constant 1e-3 (when the base optimizer is Adam); best-of-grid constant, step,
+and cosine (with and without warmup) schedules of the base optimizer (``meta.optimizer``:
+Adam by default, AdamW or SGD with momentum); the controller meta-trained by this run on
+that optimizer; the controller shipped with metaopt (on Adam); and optax.contrib's
+self-tuning optimizers. Grids are tuned on the final validation
 accuracy (ties: validation loss); everything is reported on the test split,
 averaged over seeds.
 """
@@ -25,9 +27,11 @@ from metaopt.experiments.protocol import (TTT_COLUMNS, Result, best_index, curve
                                           time_to_target, train_and_record)
 from metaopt.meta.lr import MetaLRConfig, learned_lr_tx, meta_train
 from metaopt.schedules import learned_lr
-from metaopt.schedules.baselines import (DEFAULT_LRS, SELF_TUNING, adam_with_schedule,
+from metaopt.schedules.baselines import (DEFAULT_LRS, SELF_TUNING, BaseOptimizer, scheduled,
                                          self_tuning)
 from metaopt.tasks import TaskConfig, check_task_config, make_task, task_family
+from metaopt.tasks.models import VMAPPED
+from metaopt.tasks.tfds_data import using_data_dir
 from metaopt.validation import check_choice, check_int, check_positive
 
 TRAIN_FAMILY = task_family(
@@ -55,6 +59,7 @@ class Config:
   include_pretrained: bool = True
   self_tuning: tuple[str, ...] = tuple(SELF_TUNING)  # optax.contrib baselines, at defaults
   save_controller: Optional[str] = None  # also write the meta-trained controller here
+  data_dir: Optional[str] = None     # prepared tfds data (default: $TFDS_DATA_DIR)
   store: Optional[str] = None     # run store (SQLite file) recording every evaluation run
 
   def __post_init__(self):
@@ -103,6 +108,12 @@ def quick_config(seed: int = 0) -> Config:
 HAND = ("constant", "step", "cosine", "warmup_cosine")
 
 
+def pretrained_optimizer(optimizer: BaseOptimizer) -> BaseOptimizer:
+  """The base optimizer the shipped controller runs on: the run's when it is Adam or AdamW
+  (the directions it was meta-trained on), else plain Adam."""
+  return optimizer if optimizer.name in ("adam", "adamw") else BaseOptimizer()
+
+
 def evaluate_task(config: Config, task_config: TaskConfig, thetas: dict, store=None) -> dict:
   """Trains every method on one held-out task; returns curves and timings per method.
 
@@ -111,7 +122,7 @@ def evaluate_task(config: Config, task_config: TaskConfig, thetas: dict, store=N
   task = make_task(task_config)
   steps, every = task_config.total_steps, task_config.total_steps // config.evals
   seeds = seed_keys(config.seeds, task_config.seed)
-  vectorize = task_config.model != "cnn"
+  vectorize = task_config.model in VMAPPED
   out = {}
 
   def grid(make_tx, hparams, keys, method):
@@ -119,20 +130,24 @@ def evaluate_task(config: Config, task_config: TaskConfig, thetas: dict, store=N
                             eval_every=every, vectorize=vectorize,
                             run_info={"experiment": "lr-schedule", "method": method})
 
-  # One vmapped call per schedule: (lr grid) x (seeds).
-  lrs = np.repeat(np.asarray(config.lrs, np.float32), config.seeds)
-  keys = jnp.tile(seeds, (len(config.lrs), 1))
-  for name in HAND:
-    res, wall = grid(adam_with_schedule(name, steps), jnp.asarray(lrs), keys, name)
-    res = jax.tree.map(lambda x: x.reshape((len(config.lrs), config.seeds) + x.shape[1:]), res)
-    best = best_index(res.val_accuracy[:, :, -1].mean(axis=1), res.val_loss[:, :, -1].mean(axis=1))
-    out[name] = dict(curves=jax.tree.map(lambda x: x[best], res), lr=float(config.lrs[best]),
-                     wall_time=wall, runs=len(lrs), grid=len(config.lrs))
-    if name == "constant":
-      i = list(config.lrs).index(1e-3) if 1e-3 in config.lrs else None
-      if i is not None:
-        out["adam_1e-3"] = dict(curves=jax.tree.map(lambda x: x[i], res), lr=1e-3,
-                                wall_time=wall / len(config.lrs), runs=config.seeds)
+  # Every hand schedule over the LR grid and the seeds: one vmapped call, one program.
+  n, k = len(config.lrs), config.seeds
+  lrs = np.repeat(np.asarray(config.lrs, np.float32), k)
+  hparams = {"lr": jnp.asarray(np.tile(lrs, len(HAND))),
+             "schedule": jnp.asarray(np.repeat(np.arange(len(HAND), dtype=np.int32), n * k))}
+  res, wall = grid(scheduled(HAND, steps, config.meta.optimizer), hparams,
+                   jnp.tile(seeds, (len(HAND) * n, 1)), "hand_schedules")
+  res = jax.tree.map(lambda x: x.reshape((len(HAND), n, k) + x.shape[1:]), res)
+  per_grid = wall / len(HAND)   # every row costs the same
+  for j, name in enumerate(HAND):
+    sched = jax.tree.map(lambda x: x[j], res)
+    best = best_index(sched.val_accuracy[:, :, -1].mean(axis=1),
+                      sched.val_loss[:, :, -1].mean(axis=1))
+    out[name] = dict(curves=jax.tree.map(lambda x: x[best], sched), lr=float(config.lrs[best]),
+                     wall_time=per_grid, runs=n * k, grid=n)
+    if name == "constant" and config.meta.optimizer.name == "adam" and 1e-3 in config.lrs:
+      out["adam_1e-3"] = dict(curves=jax.tree.map(lambda x: x[list(config.lrs).index(1e-3)], sched),
+                              lr=1e-3, wall_time=per_grid / n, runs=k)
 
   for name, (controller, theta, meta_cfg) in thetas.items():
     make_tx = lambda _, c=controller, t=theta, m=meta_cfg: learned_lr_tx(c, t, m, steps)
@@ -272,7 +287,8 @@ def write_report(out, config: Config, results: dict, meta_result, timings: dict)
            f"lengths {config.meta.family.total_steps}) in {timings['meta_train']:.0f} s; "
            f"{meta_result.skipped_members} inner runs dropped for non-finite meta-gradients.",
            f"Evaluated on held-out tasks with {config.seeds} seed(s) each; hand schedules are "
-           f"Adam tuned best-of-grid over LR {list(config.lrs)} on final validation accuracy "
+           f"{config.meta.optimizer.label} (the base optimizer of the learned controller too), "
+           f"tuned best-of-grid over LR {list(config.lrs)} on final validation accuracy "
            "(ties: loss). "
            "Numbers are test-split means over seeds at the end of training.", "",
            report.markdown_table(rows, COLUMNS), "",
@@ -331,25 +347,27 @@ def run(config: Config, out, *, progress: bool = True, store=None) -> Result:
   ``config.store``).
   """
   store = config.store if store is None else store
-  timings = {}
-  meta_result = meta_train(config.meta, out / "meta", progress=progress)
-  timings["meta_train"] = meta_result.seconds
-  if config.save_controller:
-    meta_result.save(config.save_controller,
-                     info={"command": "metaopt run lr-schedule --save-controller DIR"})
-  thetas = {"learned": (meta_result.controller, meta_result.theta, config.meta)}
-  if config.include_pretrained and learned_lr.PRETRAINED_WEIGHTS.exists():
-    shipped = learned_lr.load_controller()
-    shipped_cfg = dataclasses.replace(config.meta, hidden=tuple(shipped.controller.hidden),
-                                      learning_rate=shipped.learning_rate, **shipped.settings,
-                                      controller=learned_lr.controller_kind(shipped.controller),
-                                      update_every=shipped.update_every)
-    thetas["pretrained"] = (shipped.controller, shipped.theta, shipped_cfg)
-  results = {}
-  start = time.perf_counter()
-  tasks = config.heldout
-  for i, tc in enumerate(tasks):
-    print(f"[{i + 1}/{len(tasks)}] evaluating on {tc.name}", flush=True)
-    results[tc.name] = evaluate_task(config, tc, thetas, store=store)
-  timings["evaluation"] = time.perf_counter() - start
-  return write_report(out, config, results, meta_result, timings)
+  with using_data_dir(config.data_dir):
+    timings = {}
+    meta_result = meta_train(config.meta, out / "meta", progress=progress)
+    timings["meta_train"] = meta_result.seconds
+    if config.save_controller:
+      meta_result.save(config.save_controller,
+                       info={"command": "metaopt run lr-schedule --save-controller DIR"})
+    thetas = {"learned": (meta_result.controller, meta_result.theta, config.meta)}
+    if config.include_pretrained and learned_lr.PRETRAINED_WEIGHTS.exists():
+      shipped = learned_lr.load_controller()
+      shipped_cfg = dataclasses.replace(config.meta, hidden=tuple(shipped.controller.hidden),
+                                        learning_rate=shipped.learning_rate, **shipped.settings,
+                                        controller=learned_lr.controller_kind(shipped.controller),
+                                        update_every=shipped.update_every,
+                                        optimizer=pretrained_optimizer(config.meta.optimizer))
+      thetas["pretrained"] = (shipped.controller, shipped.theta, shipped_cfg)
+    results = {}
+    start = time.perf_counter()
+    tasks = config.heldout
+    for i, tc in enumerate(tasks):
+      print(f"[{i + 1}/{len(tasks)}] evaluating on {tc.name}", flush=True)
+      results[tc.name] = evaluate_task(config, tc, thetas, store=store)
+    timings["evaluation"] = time.perf_counter() - start
+    return write_report(out, config, results, meta_result, timings)

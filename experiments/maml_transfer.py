@@ -90,8 +90,9 @@ class Config:
     check_number("threshold", self.threshold, low=0.0, high=1.0)
     if self.data_dir is not None:
       tfds_data.require_data_extra()
-      if not pathlib.Path(self.data_dir).is_dir():
-        raise FileNotFoundError(f"data_dir {self.data_dir!r} is not a folder")
+      if not pathlib.Path(self.data_dir).expanduser().is_dir():
+        raise FileNotFoundError(f"data_dir {self.data_dir!r} is not a folder; point it at "
+                                "prepared tfds data: --set data_dir=D")
     if self.backbone is not None and not pathlib.Path(self.backbone).exists():
       raise FileNotFoundError(f"backbone {self.backbone!r} does not exist")
 

@@ -15,10 +15,19 @@ import sys
 from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 PyTree = Any
 DAMAGED = "damaged"  # subfolder that damaged checkpoints are moved to
+
+
+def _placed(leaf) -> bool:
+  """Whether a restore target's leaf asks for a placement."""
+  if isinstance(leaf, jax.Array):
+    return leaf.committed
+  return getattr(leaf, "sharding", None) is not None
 
 
 class Checkpoints:
@@ -61,9 +70,15 @@ class Checkpoints:
           raise ValueError(f"the progress record is {type(progress).__name__}, not a dict")
         if validate is not None:
           validate(progress)
-        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, make_target(progress))
+        fresh = make_target(progress)
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, fresh)
         state = self.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+        # Restored arrays come back committed to a device; where the target places nothing
+        # (an array not committed, a shape without a sharding) they are left unplaced, as
+        # a fresh run's are, or every compiled program would compile again on resume.
+        state = jax.tree.map(lambda x, f: x if _placed(f) else jnp.asarray(np.asarray(x)),
+                             state, fresh)
         return step, state, progress
       except Exception as e:  # orbax, tensorstore and JSON raise many types on damage
         aside = self._set_aside(step)

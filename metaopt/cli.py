@@ -74,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
   run.add_argument("experiment", help=f"one of: {names}")
   run.add_argument("--quick", action="store_true",
                    help="start from the tiny configuration (under a minute on 2 CPU cores)")
-  run.add_argument("--config", metavar="FILE", help="TOML or JSON file of config fields "
-                   "(a run folder's config.json reproduces that run)")
+  run.add_argument("--config", metavar="FILE|NAME", help="TOML or JSON file of config fields "
+                   "(a run folder's config.json reproduces that run), or the name of one of "
+                   "the experiment's named configurations (`metaopt list` shows them)")
   run.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", dest="overrides",
                    help="set one config field, e.g. --set meta.meta_steps=20 (repeatable)")
   run.add_argument("--print-config", action="store_true",
@@ -155,8 +156,10 @@ def resolve_config(args, module):
   """The experiment's configuration from the default (or --quick), --config, the
   shorthand flags and every --set, in that order; ValueError naming a bad field."""
   config = (module.quick_config if args.quick else module.default_config)(args.seed)
+  layers = []
   if args.config is not None:
-    config = config_lib.merge(config, config_lib.load_file(args.config))
+    path = experiments.config_file(args.experiment, args.config)
+    layers.append(config_lib.load_file(path))
   fields = {f.name for f in dataclasses.fields(config)}
   for flag, field in FIELD_FLAGS.items():
     value = getattr(args, field)
@@ -164,10 +167,8 @@ def resolve_config(args, module):
       if field not in fields:
         raise ValueError(f"{flag}: experiment {args.experiment!r} has no config field "
                          f"{field!r}")
-      config = config_lib.merge(config, {field: value})
-  for assignment in args.overrides:
-    config = config_lib.override(config, assignment)
-  return config
+      layers.append({field: value})
+  return config_lib.merge_all(config, layers, args.overrides)
 
 
 def _first_difference(old, new, path=""):
@@ -186,8 +187,10 @@ def run_folder(args, module, config) -> pathlib.Path:
   when its recorded configuration matches (``module.RUN_LENGTH`` fields may differ: a
   longer run continues from its checkpoint)."""
   root = check_writable_folder("--out", args.out)
+  named = args.config is not None and args.config in experiments.named_configs(args.experiment)
   name = (args.name if args.name is not None
-          else f"{args.experiment}{'-quick' if args.quick else ''}")
+          else f"{args.experiment}{'-quick' if args.quick else ''}"
+               f"{'-' + args.config if named else ''}")
   check_folder_name("--name", name)
   existing = root / name
   resume = args.name is not None and existing.exists()
@@ -346,6 +349,8 @@ def _list() -> int:
   print("experiments:")
   for k, v in experiments.REGISTRY.items():
     print(f"  {k:18s} {v.summary}")
+    for name, path in experiments.named_configs(k).items():
+      print(f"    --config {name} (estimate: {experiments.estimate(path)})")
   print("datasets: " + ", ".join(DATASETS))
   return 0
 

@@ -173,26 +173,59 @@ def parse_value(text: str) -> Any:
     return text
 
 
-def override(config: Any, assignment: str) -> Any:
-  """``config`` with one ``path.to.field=value`` assignment applied."""
-  path, eq, text = assignment.partition("=")
+def assignment(text: str) -> dict:
+  """One ``path.to.field=value`` assignment as a nested mapping ``{path: {to: {field: v}}}``."""
+  path, eq, value = text.partition("=")
   path = path.strip()
   if not eq or not path:
-    raise ValueError(f"--set {assignment!r}: expected path.to.field=value")
-  value = parse_value(text.strip())
-  nested: Any = value
-  for name in reversed(path.split(".")[1:]):
+    raise ValueError(f"--set {text!r}: expected path.to.field=value")
+  nested: Any = parse_value(value.strip())
+  for name in reversed(path.split(".")):
     nested = {name: nested}
-  head = path.split(".")[0]
+  return nested
+
+
+def _deep_update(into: dict, data: Mapping) -> dict:
+  for key, value in data.items():
+    if isinstance(value, Mapping) and isinstance(into.get(key), Mapping):
+      into[key] = _deep_update(dict(into[key]), value)
+    else:
+      into[key] = value
+  return into
+
+
+def merge_all(config: Any, layers: list, assignments: list) -> Any:
+  """``config`` with every mapping of ``layers`` and then every ``--set`` assignment applied,
+  in order, checked once at the end: a field that only the whole set of changes makes valid
+  (a file's ``data_dir`` replaced by ``--set``) is not refused half-way. A failure is
+  reported as the first layer or assignment that fails on its own."""
+  combined: dict = {}
+  for layer in [*layers, *map(assignment, assignments)]:
+    _deep_update(combined, layer)
+  try:
+    return merge(config, combined)
+  except ValueError:
+    for layer in layers:
+      config = merge(config, layer)
+    for text in assignments:
+      config = override(config, text)
+    return config
+
+
+def override(config: Any, text: str) -> Any:
+  """``config`` with one ``path.to.field=value`` assignment applied."""
+  (head, nested), = assignment(text).items()
+  path, _, raw = text.partition("=")
+  value = parse_value(raw.strip())
   try:
     return merge(config, {head: nested})
   except ValueError as e:
     if isinstance(value, str) and "," in value:  # a bare list: a,b,c
       try:
-        return override(config, f"{path}={json.dumps(value.split(','))}")
+        return override(config, f"{path.strip()}={json.dumps(value.split(','))}")
       except ValueError:
         pass
-    raise ValueError(f"--set {assignment!r}: {e}") from None
+    raise ValueError(f"--set {text!r}: {e}") from None
 
 
 def load_file(path: Union[str, pathlib.Path]) -> dict:

@@ -35,6 +35,7 @@ import math
 import os
 import pathlib
 import sys
+import functools
 import time
 from typing import Any, Callable, NamedTuple, Optional, Union
 
@@ -194,48 +195,56 @@ def make_train_fn(task, make_tx: MakeTx, *, steps: int, eval_every: int,
   if capacity is not None:
     check_int("capacity", capacity)
 
-  def run(hparams, key, arrays) -> TrainResult:
+  def run(hparams, key, arrays, initial=None) -> TrainResult:
     tx = make_tx(hparams)
     kw = {} if model_args is None else dict(model_kwargs=model_args(hparams))
     every = eval_every if capacity is None else arrays["eval_every"]
 
-    def evaluate(params, arrays, model_state=None):
-      val = task.metrics(params, arrays["x_val"], arrays["y_val"], model_state, **kw,
-                         **_weight(arrays, "val"))
-      test = task.metrics(params, arrays["x_test"], arrays["y_test"], model_state, **kw,
-                          **_weight(arrays, "test"))
+    # Validation and test in one forward pass (one compiled copy of the model's inference).
+    x_eval, y_eval, weights = _eval_split(arrays)
+
+    def evaluate(params, model_state=None):
+      val, test = task.split_metrics(params, x_eval, y_eval, weights, model_state, **kw)
       return (val["loss"], val["accuracy"], test["loss"], test["accuracy"])
 
     init_key, data_key = jax.random.split(key)
-    params = task.init(init_key) if init is None else init(hparams, init_key)
-    model_state = task.init_state(init_key) if task.stateful else None
-    first = evaluate(params, arrays, model_state)
-    # The initial evaluation is the first val_loss, but not a new one: the
-    # optimizer counts only the evaluations after each chunk of steps.
+    if initial is not None:   # drawn outside the program (initial_variables)
+      params, model_state = initial
+    else:
+      params = task.init(init_key) if init is None else init(hparams, init_key)
+      model_state = task.init_state(init_key) if task.stateful else None
+    nan = jnp.asarray(jnp.nan, jnp.float32)
     state = RunState(params, tx.init(params), data_key, jnp.zeros((), jnp.int32),
-                       val_loss=first[0], new_eval=jnp.asarray(False),
+                       val_loss=nan, new_eval=jnp.asarray(False),
                        stopped=jnp.asarray(False),
                        stop_step=jnp.asarray(n_evals * every, jnp.int32),
-                       model_state=model_state, val_accuracy=first[1])
+                       model_state=model_state, val_accuracy=nan)
     step = training_step(task, tx, arrays, feed_val_loss=feed_val_loss, dropout=dropout,
                          model_args=model_args)
     if capacity is not None:
       step = _gated(step, every)
 
-    def chunk(state, _):
+    def train_chunk(state):
       if capacity is None:
-        state, metrics = unroll(step, hparams, state, None, length=eval_every)
-      else:
-        state, metrics = unroll(step, hparams, state, jnp.arange(capacity))
+        return unroll(step, hparams, state, None, length=eval_every)
+      return unroll(step, hparams, state, jnp.arange(capacity))
+
+    def skip_chunk(state):
+      metrics = jax.eval_shape(train_chunk, state)[1]
+      return state, jax.tree.map(lambda m: jnp.full(m.shape, jnp.nan, m.dtype), metrics)
+
+    def chunk(state, i):
+      # Chunk 0 trains no step: it is the initial evaluation, inside the scan so that
+      # the evaluation is compiled once. It is the first val_loss, but not a new one: the
+      # optimizer counts only the evaluations after each chunk of steps.
+      state, metrics = jax.lax.cond(i > 0, train_chunk, skip_chunk, state)
       # Schedule-free optimizers are evaluated at their averaged parameters.
-      evals = evaluate(evaluation_params(state.opt_state, state.params), arrays,
-                       state.model_state)
-      state = state._replace(val_loss=evals[0], val_accuracy=evals[1],
-                             new_eval=jnp.asarray(True))
+      evals = evaluate(evaluation_params(state.opt_state, state.params), state.model_state)
+      state = state._replace(val_loss=evals[0], val_accuracy=evals[1], new_eval=i > 0)
       return state, (metrics, evals)
 
-    final, (metrics, evals) = jax.lax.scan(chunk, state, None, length=n_evals)
-    evals = [jnp.concatenate([f[None], e]) for f, e in zip(first, evals)]
+    final, (metrics, evals) = jax.lax.scan(chunk, state, jnp.arange(n_evals + 1))
+    metrics = jax.tree.map(lambda m: m[1:], metrics)
     return TrainResult(
         train_loss=metrics["loss"].reshape(-1),
         learning_rate=metrics["learning_rate"].reshape(-1),
@@ -247,9 +256,17 @@ def make_train_fn(task, make_tx: MakeTx, *, steps: int, eval_every: int,
   return run
 
 
-def _weight(arrays: dict, split: str) -> dict:
-  """``{"weight": ...}`` for a padded split (:func:`pad_splits`), else nothing."""
-  return {"weight": arrays[f"w_{split}"]} if f"w_{split}" in arrays else {}
+def _eval_split(arrays: dict) -> tuple:
+  """Validation and test inputs and labels concatenated, with the 0/1 row weights of
+  each (padded rows, :func:`pad_splits`, weigh 0)."""
+  cat = lambda a, b: jax.tree.map(lambda u, v: jnp.concatenate([u, v]), a, b)
+  n_val = len(jax.tree.leaves(arrays["y_val"])[0])
+  n_test = len(jax.tree.leaves(arrays["y_test"])[0])
+  w_val = arrays.get("w_val", jnp.ones(n_val, jnp.float32))
+  w_test = arrays.get("w_test", jnp.ones(n_test, jnp.float32))
+  weights = (jnp.concatenate([w_val, jnp.zeros(n_test, jnp.float32)]),
+             jnp.concatenate([jnp.zeros(n_val, jnp.float32), w_test]))
+  return cat(arrays["x_val"], arrays["x_test"]), cat(arrays["y_val"], arrays["y_test"]), weights
 
 
 def _gated(step, every):
@@ -320,7 +337,8 @@ def train_grid(task, make_tx: MakeTx, hparams: PyTree, keys: jax.Array, *,
   the argument shapes are added to it), so later calls reuse them.
   """
   arrays = task.arrays() if arrays is None else arrays
-  leaves, tree = jax.tree.flatten((hparams, keys, arrays))
+  initial = initial_variables(task, keys) if init is None else None
+  leaves, tree = jax.tree.flatten((hparams, keys, arrays, initial))
   signature = (program_key, tree, tuple((a.shape, str(a.dtype)) for a in leaves))
   compiled = None if programs is None else programs.get(signature)
   if compiled is None:
@@ -329,18 +347,38 @@ def train_grid(task, make_tx: MakeTx, hparams: PyTree, keys: jax.Array, *,
                         init=init, capacity=capacity)
     spec = resolve(sharding, len(keys), what="runs")
     if spec is not None:
-      run = jax.jit(population_map(one, (0, 0, None), sharding=spec, what="runs",
+      run = jax.jit(population_map(one, (0, 0, None, 0), sharding=spec, what="runs",
                                    chunk_size=None if vectorize else shards(spec)))
     elif vectorize:
-      run = jax.jit(jax.vmap(one, in_axes=(0, 0, None)))
+      run = jax.jit(jax.vmap(one, in_axes=(0, 0, None, 0)))
     else:
-      run = jax.jit(lambda h, k, a: jax.lax.map(lambda hk: one(*hk, a), (h, k)))
-    compiled = run.lower(hparams, keys, arrays).compile()
+      run = jax.jit(lambda h, k, a, i: jax.lax.map(lambda hki: one(hki[0], hki[1], a, hki[2]),
+                                                   (h, k, i)))
+    compiled = run.lower(hparams, keys, arrays, initial).compile()
     if programs is not None:
       programs[signature] = compiled
   start = time.perf_counter()
-  result = jax.block_until_ready(compiled(hparams, keys, arrays))
+  result = jax.block_until_ready(compiled(hparams, keys, arrays, initial))
   return jax.tree.map(np.asarray, result), time.perf_counter() - start
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _initial(model, stateful: bool, key, example) -> tuple:
+  # Task.init and Task.init_state of the key make_train_fn gives them; keyed by the model
+  # (flax modules compare by value) and the example's shape, so equal tasks share it.
+  variables = model.init(jax.random.split(key)[0], example)
+  state = {k: v for k, v in variables.items() if k != "params"} if stateful else None
+  return variables["params"], state
+
+
+def initial_variables(task, keys: jax.Array) -> tuple:
+  """``(params, model_state)`` of one run per key, drawn as :func:`make_train_fn` draws
+  them. Compiled once per model and input shape and shared by every training program:
+  inlined into each, a tiny ResNet's initialization was 4 of the 7 s its program took to
+  compile. One key at a time: vmapped, it compiled twice as slowly."""
+  example = task.example()
+  draws = [_initial(task.model, task.stateful, key, example) for key in keys]
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *draws)
 
 
 def run_status(result: TrainResult) -> np.ndarray:

@@ -2,8 +2,6 @@
 
 import dataclasses
 import json
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -121,13 +119,6 @@ def test_cli_adaptive_lr_quick_writes_report_results_and_plots(tmp_path, monkeyp
   assert set(target["starts"]) == {"10x", "0.1x"}
   report = (out / "report.md").read_text()
   assert "| task | method | test acc" in report and "Quality target" in report
-
-
-def test_unknown_experiment_lists_both():
-  out = subprocess.run([sys.executable, "-m", "metaopt.cli", "run", "nope"],
-                       capture_output=True, text=True, timeout=120)
-  assert out.returncode == 2 and "Traceback" not in out.stderr
-  assert "accepted: lr-schedule, adaptive-lr" in out.stderr
 
 
 def test_adaptive_lr_rejects_lr_schedule_only_options(capsys, tmp_path):

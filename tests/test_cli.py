@@ -3,6 +3,7 @@
 import csv
 import dataclasses
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -14,22 +15,43 @@ from metaopt.experiments import lr_schedule
 from metaopt.tasks import TaskConfig
 
 
-def metaopt(*args):
-  return subprocess.run([sys.executable, "-m", "metaopt.cli", *args],
-                        capture_output=True, text=True, timeout=120)
+def in_process(capsys, *args):
+  """`metaopt ARGS` in this process: (exit code, stdout, stderr). argparse exits by
+  SystemExit; the CLI turns that into a return code, and so does this, should it escape."""
+  capsys.readouterr()
+  try:
+    code = cli.main(list(args))
+  except SystemExit as e:
+    code = e.code
+  out = capsys.readouterr()
+  return code, out.out, out.err
 
 
-def test_help_lists_every_command():
-  out = metaopt("--help")
-  assert out.returncode == 0
+def test_the_installed_command_exits_2_with_one_line():
+  # One real process (the console script pip installs, else `python -m metaopt.cli`): the
+  # exit code and the single stderr line survive the process boundary. The other error
+  # cases are checked in-process below.
+  script = pathlib.Path(sys.executable).with_name("metaopt")
+  command = [str(script)] if script.exists() else [sys.executable, "-m", "metaopt.cli"]
+  out = subprocess.run([*command, "run", "no-such-experiment"], capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 2, out.stderr
+  assert out.stderr.strip().count("\n") == 0, out.stderr
+  assert "accepted: lr-schedule, adaptive-lr" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_help_lists_every_command(capsys):
+  code, out, _ = in_process(capsys, "--help")
+  assert code == 0
   for command in ("run", "list"):
-    assert command in out.stdout
-  run_help = metaopt("run", "--help")
-  assert "lr-schedule" in run_help.stdout and "--quick" in run_help.stdout
+    assert command in out
+  code, run_help, _ = in_process(capsys, "run", "--help")
+  assert code == 0 and "lr-schedule" in run_help and "--quick" in run_help
 
 
 @pytest.mark.parametrize("args, needle", [
-    (("run", "no-such-experiment"), "unknown experiment 'no-such-experiment'; accepted: lr-schedule"),
+    (("run", "no-such-experiment"),
+     "unknown experiment 'no-such-experiment'; accepted: lr-schedule, adaptive-lr"),
     (("run", "lr-schedule", "--set", "meta.meta_steps=0"), "meta_steps must be an integer >= 1, got 0"),
     (("run", "lr-schedule", "--set", "meta.meta_stepz=3"), "unknown config field 'meta_stepz'"),
     (("run", "lr-schedule", "--set", "seeds=two"), "config field 'seeds': expected an integer"),
@@ -37,11 +59,15 @@ def test_help_lists_every_command():
     (("run", "lr-schedule", "--seed", "abc"), "invalid int value: 'abc'"),
     (("frobnicate",), "invalid choice: 'frobnicate'"),
 ])
-def test_user_errors_print_one_line_and_exit_2(args, needle):
-  out = metaopt(*args)
-  assert out.returncode == 2
-  assert out.stderr.strip().count("\n") == 0, out.stderr
-  assert needle in out.stderr and "Traceback" not in out.stderr
+def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys, args, needle):
+  # --out in tmp_path: a case that wrongly got past its check would not write to ./results.
+  if args[0] == "run" and len(args) > 1:
+    args = (*args, "--out", str(tmp_path / "runs"))
+  code, _, err = in_process(capsys, *args)
+  assert code == 2, err
+  assert err.count("\n") == 1 and err.endswith("\n"), err
+  assert needle in err and "Traceback" not in err
+  assert not (tmp_path / "runs").exists()
 
 
 QUICK = lr_schedule.quick_config

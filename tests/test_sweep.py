@@ -200,9 +200,10 @@ def test_cli_run_store_records_the_experiment_runs(tmp_path, monkeypatch, capsys
   with RunStore(store) as s:
     runs = s.runs()
   methods = {r.hparams["method"] for r in runs}
-  assert {"adam_schedules", "hd_adam", "plateau", "hd_sgd"} <= methods
+  assert {"schedules", "hd_adam", "plateau", "hd_sgd"} <= methods
   seeds = tiny().seeds
-  assert sum(r.hparams["method"] == "adam_schedules" for r in runs) == (2 + 2) * seeds
+  # The constant and cosine grids (2 LRs each) and step decay.
+  assert sum(r.hparams["method"] == "schedules" for r in runs) == (2 + 2 + 1) * seeds
   assert all(r.task == "iris" and r.hparams["experiment"] == "adaptive-lr" for r in runs)
   assert all(len(r.curves["val_loss"]) == 3 for r in runs)  # 2 epochs + the initial evaluation
   (tmp_path / "notes.txt").write_text("not a store")

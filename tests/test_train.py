@@ -1,6 +1,7 @@
 """The shared training loop, the baseline schedules, and the shipped controller."""
 
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -9,9 +10,11 @@ import optax
 import pytest
 
 import metaopt
-from metaopt.schedules.baselines import SCHEDULES, adam_with_schedule, unit_schedule
-from metaopt.tasks import TaskConfig, make_task
-from metaopt.train import make_train_fn, run_loop, train_grid
+from metaopt.schedules.baselines import (SCHEDULES, BaseOptimizer, adam_with_schedule, scheduled,
+                                         unit_schedule, with_schedule)
+from metaopt.tasks import TaskConfig, load_dataset, make_task
+from metaopt.tasks.tfds_data import default_data_dir, using_data_dir
+from metaopt.train import initial_variables, make_train_fn, run_loop, train_grid
 
 TASK = make_task(TaskConfig("iris", "mlp", 8, 1, 16, 40, 0))
 
@@ -77,6 +80,63 @@ def counting_advance(calls):
     state = {"total": state["total"] + jnp.sum(steps), "last": jnp.int32(start + n)}
     return state, dict(record, chunks=record["chunks"] + 1), {"step_squared": steps ** 2}
   return advance
+
+
+@pytest.mark.parametrize("optimizer", [
+    BaseOptimizer(), BaseOptimizer("adamw", weight_decay=0.1), BaseOptimizer("sgd"),
+    BaseOptimizer("sgd", momentum=0.0, weight_decay=0.01), BaseOptimizer("adam", weight_decay=0.01),
+    BaseOptimizer("sgd", nesterov=True)])
+def test_base_optimizer_is_optax_own_and_its_direction_times_the_lr(optimizer):
+  params = {"w": jnp.array([1.0, -2.0, 0.5])}
+  grads = [{"w": jnp.array([0.3, -0.1, 0.2])}, {"w": jnp.array([-0.2, 0.4, 0.1])}]
+  optax_own = {"adam": optax.adam(0.1), "adamw": optax.adamw(0.1, weight_decay=0.1),
+               "sgd": optax.sgd(0.1, momentum=optimizer.momentum or None,
+                                nesterov=optimizer.nesterov)}[optimizer.name]
+  if optimizer.weight_decay and optimizer.name != "adamw":  # PyTorch's L2 on the gradient
+    optax_own = optax.chain(optax.add_decayed_weights(optimizer.weight_decay), optax_own)
+  txs = [optimizer(0.1), optax.chain(optimizer.direction(), optax.scale(-0.1)), optax_own,
+         with_schedule("constant", 10, optimizer)(0.1),
+         scheduled(("cosine", "constant"), 10, optimizer)({"lr": 0.1, "schedule": 1})]
+  outs = []
+  for tx in txs:
+    state, p = tx.init(params), params
+    for g in grads:
+      u, state = tx.update(g, state, p)
+      p = optax.apply_updates(p, u)
+    outs.append(p["w"])
+  for out in outs[1:]:
+    np.testing.assert_allclose(out, outs[0], rtol=1e-6)
+  assert metaopt.schedules.current_lr(state) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(name="rmsprop"), "unknown optimizer 'rmsprop'; accepted: adam, adamw, sgd"),
+    (dict(name="sgd", momentum=1.0), r"optimizer.momentum must be a finite number in \[0, 1\)"),
+    (dict(weight_decay=-1e-4), "optimizer.weight_decay must be"),
+])
+def test_bad_base_optimizer_is_named(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    BaseOptimizer(**kwargs)
+
+
+def test_the_initialization_drawn_outside_the_program_is_the_inline_one():
+  keys = jax.random.split(jax.random.PRNGKey(3), 2)
+  params, _ = initial_variables(TASK, keys)
+  for i, key in enumerate(keys):
+    inline = TASK.init(jax.random.split(key)[0])
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a[i], b), params, inline)
+
+
+def test_an_experiments_data_dir_is_where_tfds_data_is_read(tmp_path, monkeypatch):
+  monkeypatch.delenv("TFDS_DATA_DIR", raising=False)
+  assert default_data_dir() is None
+  with using_data_dir(tmp_path / "tfds"):
+    assert default_data_dir() == str(tmp_path / "tfds")
+    with pytest.raises(FileNotFoundError, match=f"not prepared in data_dir '{tmp_path}/tfds'"):
+      load_dataset("cifar10")
+  assert default_data_dir() is None
+  with using_data_dir("~/prepared"):
+    assert default_data_dir() == str(pathlib.Path.home() / "prepared")
 
 
 def test_run_loop_cuts_chunks_at_checkpoints_and_writes_one_line_per_step(tmp_path):

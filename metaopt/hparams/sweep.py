@@ -98,7 +98,7 @@ from metaopt.hparams.space import DEFAULT_SPACE, Space
 from metaopt.hparams.store import Claims, RunStore
 from metaopt.tasks import TaskConfig, make_task
 from metaopt.tasks.data import DATASETS, is_image_dataset, num_train_examples
-from metaopt.tasks.models import DEPTH_MASKED, MODEL_KINDS, make_model, pad_depth
+from metaopt.tasks.models import DEPTH_MASKED, MODEL_KINDS, VMAPPED, make_model, pad_depth
 from metaopt.validation import check_choice, check_int, is_number
 
 # Hyperparameters a sweep knows how to apply, with the value used when the space lacks one.
@@ -111,10 +111,6 @@ STATIC_HPARAMS = ("layers", "width")  # change shapes (layers: masked for MASK_D
 # one program per depth (benchmarks/bench_sweep_compile.py compares the two).
 MASK_DEPTH: tuple[str, ...] = DEPTH_MASKED
 WIDTHS: dict[str, int] = {"mlp": 64, "cnn": 8, "rnn": 32, "transformer": 32}
-# Families whose runs are vmapped; the others run one after another in one program (lax.map):
-# vmapped convolutions are slow on the CPU, and vmapped GRU groups of 8 runs hung the XLA CPU
-# runtime (all threads idle in block_until_ready) with jax 0.10.2 here.
-VMAPPED = ("mlp", "transformer")
 # Families whose tasks share compiled programs across datasets (padded, see PadLayout);
 # () compiles one program per task (benchmarks/bench_sweep_compile.py compares the two).
 SHARED: tuple[str, ...] = ("mlp",)

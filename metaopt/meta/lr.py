@@ -28,11 +28,12 @@ import numpy as np
 import optax
 
 from metaopt import estimators
-from metaopt.schedules import (CONTROLLERS, LRController, current_lr, init_controller,
+from metaopt.schedules import (CONTROLLERS, BaseOptimizer, LRController, current_lr,
+                               init_controller,
                                make_controller, save_controller, scale_by_learned_lr, with_theta)
 from metaopt.schedules.learned_lr import DEFAULT_SETTINGS
 from metaopt.tasks import TaskFamily, make_task, task_family
-from metaopt.sharding import Sharding, abstract, population_map, resolve
+from metaopt.sharding import Sharding, abstract, population_map, replicate, resolve
 from metaopt.train import run_loop
 from metaopt.unroll import InnerProblem
 from metaopt.validation import check_choice, check_int, check_positive, check_seed
@@ -64,6 +65,7 @@ class MetaLRConfig:
   sigma: float = 0.01            # es/pes: standard deviation of theta's perturbations
   controller: str = "mlp"        # "mlp" (LRController) or "lstm" (LSTMController), widths `hidden`
   update_every: int = 1          # the controller decides once per this many inner steps
+  optimizer: BaseOptimizer = BaseOptimizer()  # the directions the controller's LR scales
 
   def __post_init__(self):
     for name in ("lanes", "population", "segment_length", "meta_steps", "checkpoint_every",
@@ -106,9 +108,10 @@ class InnerState(NamedTuple):
 
 
 def learned_lr_tx(controller, theta, config: MetaLRConfig, total_steps):
-  """Adam directions scaled by the learned LR (``eps_root`` keeps meta-grads finite)."""
+  """The base optimizer's directions (Adam by default) scaled by the learned LR
+  (``eps_root`` keeps meta-gradients through Adam finite)."""
   return optax.chain(
-      optax.scale_by_adam(eps_root=1e-8),
+      config.optimizer.direction(eps_root=1e-8),
       scale_by_learned_lr(controller, theta, learning_rate=config.learning_rate,
                           total_steps=total_steps, update_every=config.update_every,
                           **config.settings))
@@ -324,7 +327,10 @@ class MetaTrainer:
     lanes = [self._start_lane(theta, i, 0) for i in range(self.config.lanes)]
     record = {"lanes": [{"round": 0, "t": 0} for _ in range(self.config.lanes)],
               "skipped_members": 0, "skipped_steps": 0}
-    return {"theta": theta, "meta_opt_state": self.meta_opt.init(theta), "lanes": lanes}, record
+    # Sharded: theta starts replicated, as every meta step leaves it (one compiled step).
+    meta = replicate({"theta": theta, "meta_opt_state": self.meta_opt.init(theta)},
+                     self.sharding)
+    return {**meta, "lanes": lanes}, record
 
   def target(self, record: dict) -> PyTree:
     """Abstract loop state for the lanes recorded in ``record`` (restores checkpoints)."""

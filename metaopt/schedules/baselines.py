@@ -1,8 +1,11 @@
 """The baselines a learned LR is measured against, all from optax.
 
-- Hand-made LR schedules, as ``make_tx(lr)`` factories for grids: Adam under
+- The base optimizer a schedule or a controller scales (:class:`BaseOptimizer`): optax's
+  Adam, AdamW or SGD with momentum, with the weight decay the plans state.
+- Hand-made LR schedules, as ``make_tx(lr)`` factories for grids: the base optimizer under
   ``optax.inject_hyperparams`` so the applied LR is readable from the state; the peak
-  LR may be traced, so a grid is one vmap.
+  LR may be traced, so a grid is one vmap, and :func:`scheduled` makes the schedule
+  itself a traced index, so a whole comparison of schedules is one compiled program.
 - The self-tuning optimizers of ``optax.contrib`` that people reach for to avoid
   tuning, at their documented defaults (never a copy): schedule-free AdamW (evaluated
   at its averaged parameters, see :func:`metaopt.schedules.evaluation_params`),
@@ -11,11 +14,14 @@
 
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+from typing import Callable, Sequence
 
+import jax
+import jax.numpy as jnp
 import optax
 
-from metaopt.validation import check_choice
+from metaopt.validation import check_choice, check_number
 
 SCHEDULES = ("constant", "step", "cosine", "warmup_cosine")
 DEFAULT_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
@@ -43,11 +49,90 @@ def schedule_fn(name: str, lr, total_steps: int) -> optax.Schedule:
   return lambda count: lr * unit(count)
 
 
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseOptimizer:
+  """The optimizer whose LR a schedule or a controller sets: ``optax.adam``,
+  ``optax.adamw`` or ``optax.sgd`` (with ``momentum``; 0 is plain SGD).
+
+  ``weight_decay`` follows the plans' (PyTorch's) meaning: for adam and sgd it adds
+  ``weight_decay * params`` to the gradient (L2, ``optax.add_decayed_weights`` first);
+  for adamw it is AdamW's decoupled decay, scaled by the LR.
+  """
+  name: str = "adam"
+  momentum: float = 0.9       # sgd only
+  nesterov: bool = False      # sgd only
+  weight_decay: float = 0.0
+
+  def __post_init__(self):
+    check_choice("optimizer", self.name, OPTIMIZERS)
+    check_number("optimizer.momentum", self.momentum, low=0.0, high=1.0, high_open=True)
+    check_number("optimizer.weight_decay", self.weight_decay, low=0.0)
+    if not isinstance(self.nesterov, bool):
+      raise ValueError(f"optimizer.nesterov must be true or false, got {self.nesterov!r}")
+
+  @property
+  def label(self) -> str:
+    """How reports name it: "Adam", "AdamW", "SGD (momentum 0.9)"."""
+    if self.name == "sgd":
+      return f"SGD (momentum {self.momentum:g})" if self.momentum else "SGD"
+    return {"adam": "Adam", "adamw": "AdamW"}[self.name]
+
+  def direction(self, *, eps_root: float = 0.0) -> optax.GradientTransformation:
+    """The update before the LR is applied (``learning_rate * direction`` is the step;
+    chain a controller after it). ``eps_root > 0`` keeps meta-gradients through Adam's
+    square root finite."""
+    decay = [optax.add_decayed_weights(self.weight_decay)] if self.weight_decay else []
+    if self.name == "sgd":
+      trace = [optax.trace(decay=self.momentum, nesterov=self.nesterov)] if self.momentum else []
+      return optax.chain(*decay, *trace) if decay or trace else optax.identity()
+    adam = optax.scale_by_adam(eps_root=eps_root)
+    return optax.chain(adam, *decay) if self.name == "adamw" else optax.chain(*decay, adam)
+
+  def __call__(self, learning_rate) -> optax.GradientTransformation:
+    """The whole optimizer at ``learning_rate`` (a number, traced value or schedule), built
+    from optax's own: ``optax.adam``, ``optax.adamw``, ``optax.sgd``."""
+    if self.name == "adamw":
+      return optax.adamw(learning_rate, weight_decay=self.weight_decay)
+    if self.name == "sgd":
+      tx = optax.sgd(learning_rate, momentum=self.momentum or None, nesterov=self.nesterov)
+    else:
+      tx = optax.adam(learning_rate)
+    if self.weight_decay:
+      tx = optax.chain(optax.add_decayed_weights(self.weight_decay), tx)
+    return tx
+
+
+def with_schedule(name: str, total_steps: int, optimizer: BaseOptimizer = BaseOptimizer()
+                  ) -> Callable[..., optax.GradientTransformation]:
+  """``make_tx(lr)``: ``optimizer`` whose LR follows schedule ``name`` with peak ``lr``,
+  under ``optax.inject_hyperparams`` (the applied LR is in the state)."""
+  unit_schedule(name, total_steps)  # validates the name now, not under jit
+  return lambda lr: optax.inject_hyperparams(optimizer.__call__)(
+      learning_rate=schedule_fn(name, lr, total_steps))
+
+
 def adam_with_schedule(name: str, total_steps: int) -> Callable[..., optax.GradientTransformation]:
   """``make_tx(lr)``: Adam whose LR follows schedule ``name`` with peak ``lr``."""
-  unit_schedule(name, total_steps)  # validates the name now, not under jit
-  return lambda lr: optax.inject_hyperparams(optax.adam)(
-      learning_rate=schedule_fn(name, lr, total_steps))
+  return with_schedule(name, total_steps)
+
+
+def scheduled(names: Sequence[str], total_steps: int,
+              optimizer: BaseOptimizer = BaseOptimizer()
+              ) -> Callable[[dict], optax.GradientTransformation]:
+  """``make_tx({"lr", "schedule"})``: ``optimizer`` with peak LR ``lr`` following schedule
+  ``names[schedule]``; both may be traced, so every schedule of a comparison and every LR
+  of its grid train in one compiled program."""
+  units = [lambda count, u=unit_schedule(name, total_steps): jnp.asarray(u(count), jnp.float32)
+           for name in names]
+
+  def make_tx(h):
+    schedule = lambda count: h["lr"] * jax.lax.switch(h["schedule"], units, count)
+    return optax.inject_hyperparams(optimizer.__call__)(
+        learning_rate=schedule)
+  return make_tx
 
 
 # name: a complete optimizer at optax.contrib's documented defaults.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -70,13 +70,13 @@ class Task:
   def objective(self) -> objectives.Objective:
     return objectives.get(self.data.objective)
 
-  def _example(self) -> Any:
+  def example(self) -> Any:
     """One training example with a batch axis: what ``init`` traces the model with."""
     return jax.tree.map(lambda a: jnp.asarray(a[:1]), self.data.x_train)
 
   def init_variables(self, key: jax.Array) -> dict:
     """Every variable collection of a fresh model: params and any state."""
-    return self.model.init(key, self._example())
+    return self.model.init(key, self.example())
 
   def init(self, key: jax.Array) -> Any:
     """Fresh model parameters."""
@@ -151,6 +151,16 @@ class Task:
       return {"loss": losses.mean(), **self.objective.metrics(outputs, y)}
     return {"loss": objectives.weighted_mean(losses, weight),
             **self.objective.metrics(outputs, y, weight=weight)}
+
+  def split_metrics(self, params: Any, x: Any, y: Any, weights: Sequence[Any],
+                    model_state: dict | None = None, *, model_kwargs: dict | None = None
+                    ) -> list[dict[str, jax.Array]]:
+    """:meth:`metrics` of several weighted subsets of one input (validation and test
+    concatenated, each with its 0/1 rows) from a single forward pass."""
+    outputs, _ = self._apply(params, model_state, x, train=False, model_kwargs=model_kwargs)
+    losses = self.objective.losses(outputs, y)
+    return [{"loss": objectives.weighted_mean(losses, w),
+             **self.objective.metrics(outputs, y, weight=w)} for w in weights]
 
   def sample_batch(
       self,

@@ -271,9 +271,8 @@ def load_image_dataset(name: str, *, data_dir=None, image_size: int | None = Non
   tname = image_set_name(name)
   size = IMAGE_SETS[tname].image_size if image_size is None else check_int("image_size",
                                                                            image_size)
-  if data_dir is None:
-    data_dir = os.environ.get("TFDS_DATA_DIR")
-  data_dir = None if data_dir is None else os.fspath(data_dir)
+  data_dir = (tfds_data.default_data_dir() if data_dir is None
+              else os.path.expanduser(os.fspath(data_dir)))
   # The split sizes join the cache key, so data prepared again (or a mock) is read again.
   sizes = tuple(len(tfds_data.open_source(tname, split=s, data_dir=data_dir))
                 for s in IMAGE_SETS[tname].splits)

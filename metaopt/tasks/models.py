@@ -41,6 +41,11 @@ def model_kinds() -> tuple[str, ...]:
   return MODEL_KINDS + tuple(MODEL_BUILDERS)
 
 
+# Families whose runs are vmapped when a grid trains; the others run one after another in one
+# program (lax.map): vmapped convolutions are slow on the CPU, and vmapped GRU groups of 8 runs
+# hung the XLA CPU runtime (all threads idle in block_until_ready) with jax 0.10.2 here.
+VMAPPED = ("mlp", "transformer")
+
 # Families whose calls take ``active_depth`` (the cnn's blocks change the channel count
 # and the spatial size, so a block cannot be the identity).
 DEPTH_MASKED: tuple[str, ...] = ("mlp", "rnn", "transformer")

@@ -9,8 +9,11 @@ prepared beforehand (`tfds build NAME --data_dir DIR --file_format=array_record`
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib.util
 import os
+from typing import Iterator, Optional
 
 import numpy as np
 from PIL import Image
@@ -115,10 +118,33 @@ def tfds_name(name: str) -> str:
   )
 
 
+_DATA_DIR: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("metaopt_data_dir",
+                                                                          default=None)
+
+
+@contextlib.contextmanager
+def using_data_dir(data_dir) -> Iterator[None]:
+  """Within the block, tfds data opened without a ``data_dir`` is read from ``data_dir``
+  (an experiment's ``data_dir`` field; None changes nothing)."""
+  token = None if data_dir is None else _DATA_DIR.set(os.path.expanduser(os.fspath(data_dir)))
+  try:
+    yield
+  finally:
+    if token is not None:
+      _DATA_DIR.reset(token)
+
+
+def default_data_dir() -> Optional[str]:
+  """The data folder when none is passed: :func:`using_data_dir`'s, else ``$TFDS_DATA_DIR``
+  read now (tfds reads it once, at import), else None (tfds' ~/tensorflow_datasets)."""
+  return _DATA_DIR.get() or os.environ.get("TFDS_DATA_DIR")
+
+
 def _resolved_data_dir(data_dir) -> str:
-  if data_dir is not None:
-    return os.fspath(data_dir)
-  return os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
+  if data_dir is None:
+    data_dir = default_data_dir()
+  return os.path.expanduser(os.fspath(data_dir) if data_dir is not None
+                            else "~/tensorflow_datasets")
 
 
 def _missing_message(name: str, split: str, data_dir) -> str:
@@ -142,7 +168,7 @@ def open_source(name: str, *, split: str, data_dir=None):
   tname = tfds_name(name)
   if tname.startswith("glue/"):
     import tensorflow_datasets.text.glue  # noqa: F401  the `data` extra; registers glue (25 ms)
-  data_dir = None if data_dir is None else os.fspath(data_dir)
+  data_dir = default_data_dir() if data_dir is None else os.path.expanduser(os.fspath(data_dir))
   try:
     return tfds.data_source(tname, split=split, data_dir=data_dir, download=False)
   except (KeyError, NotImplementedError, FileNotFoundError, AssertionError) as e:
