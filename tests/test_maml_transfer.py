@@ -90,23 +90,8 @@ def test_bad_config_names_the_value(tmp_path):
     maml_transfer.run(dataclasses.replace(TINY, n_way=30), tmp_path, progress=False)
 
 
-def test_tfds_transfer_pools_feed_episodes(tmp_path):
-  tfds = pytest.importorskip("tensorflow_datasets")
-  from metaopt.tasks import fewshot, tfds_data
-  config = dataclasses.replace(TINY, data_dir=str(tmp_path), max_per_class=5)
-  with tfds.testing.mock_data(num_examples=60):
-    pools = maml_transfer.load_pools(config)
-    omniglot = tfds_data.load_class_pool("omniglot", split="train", image_size=8, grayscale=True)
-  datasets = {role: {c.split(":")[0] for c in p.class_names} for role, p in pools.items()}
-  assert datasets["meta_train"] == {"cifar100", "caltech101", "flowers102"}
-  assert datasets["meta_val"] == {"stanford_cars"}  # fgvc_aircraft is not in tfds
-  assert datasets["meta_test"] <= {"oxford_pets", "sun397"}
-  for pool in (*pools.values(), omniglot):
-    assert pool.x.shape[1:3] == (8, 8)
-    family = fewshot.fewshot_family(fewshot.drop_small_classes(pool, 2), n_way=2, k_shot=1,
-                                    num_query=1)
-    support, query = family.sample(jax.random.key(0), 3)
-    assert support["x"].shape[:2] == (3, 2) and query["y"].shape == (3, 2)
+# The tfds transfer pools (the plan's datasets on mock data) feed a whole run in
+# tests/test_plan_configs.py::test_maml_transfer_plan_runs_end_to_end_on_mock_data.
 
 
 def test_data_dir_without_the_data_extra_names_the_extra_before_any_work(tmp_path, capsys,

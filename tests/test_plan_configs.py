@@ -14,6 +14,7 @@ from metaopt import experiments
 from metaopt.meta.rl import RLConfig
 from metaopt.meta.supervised import SupervisedConfig
 from metaopt.tasks import TaskConfig, task_family
+from metaopt.tasks.tfds_data import load_class_pool
 
 NAMED = [(e, n) for e in experiments.REGISTRY for n in experiments.named_configs(e)]
 
@@ -158,3 +159,26 @@ def test_named_config_runs_end_to_end_on_mock_data(experiment, name, mock_tfds, 
     assert "## Who wins where" in report and "RL transfer" in report
     assert "PES: not available" in report
   assert (tmp_path / "run" / "report.md").exists()
+
+
+def test_maml_transfer_plan_runs_end_to_end_on_mock_data(tmp_path):
+  _, config, _ = named("maml-transfer", "plan_transfer", tmp_path)
+  tiny_config = dataclasses.replace(
+      config, image_size=8, filters=4, n_way=2, num_query=1, meta_iterations=2, inner_steps=1,
+      finetune_steps=1, episodes=4, val_every=2, val_episodes=2, pretrain_steps=2,
+      finetune_lrs=(0.1,), task_lr=0.1, meta_batch=2, max_per_class=5)
+  (tmp_path / "tiny.json").write_text(config_lib.dumps(tiny_config))
+  with tfds.testing.mock_data(num_examples=60):
+    omniglot = load_class_pool("omniglot", split="train", image_size=8, grayscale=True)
+    assert cli.main(["run", "maml-transfer", "--config", str(tmp_path / "tiny.json"), "--out",
+                     str(tmp_path), "--name", "run", "--no-progress"]) == 0
+  result = json.loads((tmp_path / "run" / "results.json").read_text())
+  assert [r["method"] for r in result["results"]][:3] == ["MAML", "random init",
+                                                         "joint pre-training"]
+  assert all(0.0 <= r["accuracy"] <= 1.0 for r in result["results"])
+  assert omniglot.x.shape[1:] == (8, 8, 1)
+  roles = result["data"]  # the plan's roles; fgvc_aircraft is not in tfds
+  assert set(roles["meta_train"]["datasets"]) == {"cifar100", "caltech101", "flowers102"}
+  assert roles["meta_val"]["datasets"] == ["stanford_cars"]
+  assert set(roles["meta_test"]["datasets"]) <= {"oxford_pets", "sun397"}
+  assert result["config"]["image_size"] == 8 and (tmp_path / "run" / "report.md").exists()
