@@ -43,11 +43,15 @@ from metaopt.schedules.baselines import DEFAULT_LRS, SELF_TUNING
 from metaopt.tasks import TaskConfig, make_task, task_family
 from metaopt.tasks.models import VMAPPED
 from metaopt.tasks.tfds_data import using_data_dir
+from metaopt.validation import check_choice
 
 # Episodes and preliminary runs: the lr-schedule training datasets, few shapes (one
 # compiled program per shape), so that meta-training fits the time budget.
 TRAIN_FAMILY = task_family(datasets=("digits", "mnist1d", "synthetic"), widths=(64,),
                            depths=(1, 2), batch_sizes=(32,), total_steps=(500, 1000))
+
+
+LEARNED = ("tbptt", "pes", "supervised", "rl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,11 +65,14 @@ class Config:
   evals: int = 20                    # evaluations per run; the RL policy acts after each
   run_pes: bool = True
   self_tuning: tuple[str, ...] = ()  # optax.contrib baselines, at defaults
+  evaluate: tuple[str, ...] = LEARNED  # the learned methods evaluated on the held-out tasks
   data_dir: Optional[str] = None     # prepared tfds data (default: $TFDS_DATA_DIR)
   store: Optional[str] = None        # run store recording every evaluation run
 
   def __post_init__(self):
     lr_schedule.check_evaluation(self)
+    for name in self.evaluate:
+      check_choice("learned method", name, LEARNED)
     for task in self.heldout:
       if task.total_steps % self.supervised.points:
         raise ValueError(f"held-out task {task.name}: total_steps={task.total_steps} is not a "
@@ -182,6 +189,8 @@ def evaluate_task(config: Config, task_config: TaskConfig, methods: dict, store=
   steps, every = task_config.total_steps, task_config.total_steps // config.evals
   keys = seed_keys(config.seeds, task_config.seed)  # the seeds of the hand baselines
   for name, make in methods.items():
+    if name not in config.evaluate:  # meta-trained (its files written), not held out
+      continue
     res, wall = train_and_record(
         task, lambda _, m=make: m(steps, every), jnp.zeros(config.seeds), keys, store=store,
         steps=steps, eval_every=every, vectorize=task_config.model in VMAPPED,
@@ -191,21 +200,30 @@ def evaluate_task(config: Config, task_config: TaskConfig, methods: dict, store=
   return out
 
 
-LEARNED = ("tbptt", "pes", "supervised", "rl")
 METHOD_ORDER = ("adam_1e-3", "constant", "step", "tuned_cosine", *LEARNED, *SELF_TUNING)
 LABELS = {"adam_1e-3": "Adam 1e-3", "constant": "tuned constant", "step": "tuned step",
           "tuned_cosine": "tuned cosine", "tbptt": "TBPTT (shipped)", "pes": "PES",
           "supervised": "supervised", "rl": "RL (PPO)", **lr_schedule.SELF_TUNING_LABELS}
 
 
-COLUMNS = ("task", "method", "test loss", "loss spread", "test acc", "acc spread",
-           "steps to cosine loss", "LR variance", "log-LR total variation", "runs", "chosen LR")
+COLUMNS = ("task", "method", "test loss", "loss spread", "test acc", "acc spread", "test F1",
+           "test WER", "steps to cosine loss", "LR variance", "log-LR total variation", "runs",
+           "chosen LR")
+
+
+def _final_test_metric(curves, name: str):
+  """Mean over seeds of a test metric's last evaluation (None when the objective has none:
+  macro-F1 is classification's, WER speech's)."""
+  metrics = curves.test_metrics or {}
+  return float(np.mean(np.asarray(metrics[name])[:, -1])) if name in metrics else None
 
 
 def _stability_columns(method: dict) -> dict:
-  """LR variance and total variation of log LR (+inf when the LR reaches 0)."""
+  """Macro-F1 or WER; LR variance and total variation of log LR (+inf when the LR reaches 0)."""
   variance, tv = lr_stability(method["curves"], log=True)
-  return {"LR variance": variance, "log-LR total variation": tv}
+  return {"LR variance": variance, "log-LR total variation": tv,
+          "test F1": _final_test_metric(method["curves"], "macro_f1"),
+          "test WER": _final_test_metric(method["curves"], "wer")}
 
 
 def table_rows(results: dict, compute: dict) -> list[dict]:
@@ -265,7 +283,8 @@ def write_report(out, config: Config, results: dict, compute: dict, timings: dic
            "untuned. Numbers are test-split means over seeds at the end of training "
            "(spread: standard deviation over seeds).", "",
            report.markdown_table(rows, COLUMNS), "",
-           "`steps to cosine loss`: mean over seeds of the first evaluated step whose test "
+           "`test F1`: macro-F1 on the test split (classification); `test WER`: word error "
+           "rate (speech; there `test acc` is max(0, 1 - WER)). `steps to cosine loss`: mean over seeds of the first evaluated step whose test "
            "loss is at or below the tuned cosine's final test loss (– if a seed never gets "
            "there). `LR variance`: variance of the applied LR over the steps of a run; "
            "`log-LR total variation`: the sum of |change of log LR| over the run (0 for a "

@@ -110,6 +110,8 @@ class TrainResult(NamedTuple):
   test_loss: jax.Array
   test_accuracy: jax.Array
   stopped_at: jax.Array = None  # [] step at which early stopping froze the run, or steps
+  test_metrics: dict = None     # {name: [evals]}: the objective's other test metrics
+                                # (classification: macro_f1; ctc: wer)
 
 
 def steps_per_epoch(task) -> int:
@@ -205,7 +207,8 @@ def make_train_fn(task, make_tx: MakeTx, *, steps: int, eval_every: int,
 
     def evaluate(params, model_state=None):
       val, test = task.split_metrics(params, x_eval, y_eval, weights, model_state, **kw)
-      return (val["loss"], val["accuracy"], test["loss"], test["accuracy"])
+      extra = {k: v for k, v in test.items() if k not in ("loss", "accuracy")}
+      return (val["loss"], val["accuracy"], test["loss"], test["accuracy"], extra)
 
     init_key, data_key = jax.random.split(key)
     if initial is not None:   # drawn outside the program (initial_variables)
@@ -251,7 +254,7 @@ def make_train_fn(task, make_tx: MakeTx, *, steps: int, eval_every: int,
         eval_steps=jnp.arange(n_evals + 1) * every,
         val_loss=evals[0], val_accuracy=evals[1],
         test_loss=evals[2], test_accuracy=evals[3],
-        stopped_at=final.stop_step)
+        stopped_at=final.stop_step, test_metrics=evals[4])
 
   return run
 

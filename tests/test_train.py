@@ -176,3 +176,20 @@ def test_run_loop_resumes_to_the_uninterrupted_result(tmp_path):
 def test_run_loop_bad_arguments_are_named(kwargs, match):
   with pytest.raises(ValueError, match=match):
     run_loop(counting_advance([]), {"total": jnp.int32(0)}, record={"chunks": 0}, **kwargs)
+
+
+def test_split_metrics_are_each_splits_own_and_macro_f1_is_scikit_learns():
+  from sklearn.metrics import f1_score
+  params = TASK.init(jax.random.PRNGKey(0))
+  d = TASK.data
+  x = np.concatenate([d.x_val, d.x_test])
+  y = np.concatenate([d.y_val, d.y_test])
+  w_val = np.r_[np.ones(len(d.y_val)), np.zeros(len(d.y_test))].astype(np.float32)
+  val, test = TASK.split_metrics(params, x, y, (w_val, 1 - w_val))
+  for got, (xs, ys) in ((val, (d.x_val, d.y_val)), (test, (d.x_test, d.y_test))):
+    alone = TASK.metrics(params, xs, ys)
+    assert float(got["loss"]) == pytest.approx(float(alone["loss"]), rel=1e-5)
+    assert float(got["accuracy"]) == pytest.approx(float(alone["accuracy"]), rel=1e-6)
+    pred = np.argmax(np.asarray(TASK.model.apply({"params": params}, xs)), axis=-1)
+    assert float(got["macro_f1"]) == pytest.approx(f1_score(ys, pred, average="macro"),
+                                                   rel=1e-5)

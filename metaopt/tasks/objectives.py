@@ -29,8 +29,20 @@ def _classification_losses(logits, y):
 
 
 def _classification_metrics(logits, y, weight=None):
-  correct = (jnp.argmax(logits, axis=-1) == y).astype(jnp.float32)
-  return {"accuracy": correct.mean() if weight is None else weighted_mean(correct, weight)}
+  """Accuracy and macro-F1 (the mean F1 over the classes that occur among the labels or
+  the predictions, as scikit-learn's ``f1_score(average="macro")``)."""
+  pred = jnp.argmax(logits, axis=-1)
+  w = jnp.ones(y.shape, jnp.float32) if weight is None else weight
+  correct = (pred == y).astype(jnp.float32)
+  classes = logits.shape[-1]
+  truth = jax.nn.one_hot(y, classes) * w[:, None]
+  guess = jax.nn.one_hot(pred, classes) * w[:, None]
+  tp = jnp.sum(truth * guess, axis=0)
+  denom = jnp.sum(truth, axis=0) + jnp.sum(guess, axis=0)   # 2 tp + fp + fn
+  present = denom > 0
+  f1 = jnp.where(present, 2 * tp / jnp.maximum(denom, 1e-12), 0.0)
+  return {"accuracy": weighted_mean(correct, w),
+          "macro_f1": jnp.sum(f1) / jnp.maximum(jnp.sum(present), 1)}
 
 
 def weighted_mean(values, weight):
