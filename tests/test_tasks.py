@@ -120,7 +120,8 @@ def test_mlp_loss_at_init_is_near_log_num_classes(digits_task):
 
   loss, m = evaluate(params, arrays)
   assert abs(float(loss) - math.log(10)) < 0.5
-  assert set(m) == {"loss", "accuracy"} and 0.0 <= float(m["accuracy"]) <= 1.0
+  assert set(m) == {"loss", "accuracy", "macro_f1"} and 0.0 <= float(m["accuracy"]) <= 1.0
+  assert 0.0 <= float(m["macro_f1"]) <= 1.0
 
 
 def test_sample_batch_under_jit(digits_task):
