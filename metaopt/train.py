@@ -30,12 +30,12 @@ exact resume; meta-training (learned LRs, MAML) and pre-training run on it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
 import pathlib
 import sys
-import functools
 import time
 from typing import Any, Callable, NamedTuple, Optional, Union
 

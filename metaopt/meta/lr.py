@@ -29,8 +29,8 @@ import optax
 
 from metaopt import estimators
 from metaopt.schedules import (CONTROLLERS, BaseOptimizer, LRController, current_lr,
-                               init_controller,
-                               make_controller, save_controller, scale_by_learned_lr, with_theta)
+                               init_controller, make_controller, save_controller,
+                               scale_by_learned_lr, with_theta)
 from metaopt.schedules.learned_lr import DEFAULT_SETTINGS
 from metaopt.tasks import TaskFamily, make_task, task_family
 from metaopt.sharding import Sharding, abstract, population_map, replicate, resolve

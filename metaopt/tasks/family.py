@@ -145,21 +145,17 @@ class Task:
     """Mean loss and the objective's metrics (always ``accuracy``) over a whole split,
     in inference mode (running BatchNorm statistics). ``weight``: per-example 0/1 of a
     padded split (only the rows weighted 1 count)."""
-    outputs, _ = self._apply(params, model_state, x, train=False, model_kwargs=model_kwargs)
-    losses = self.objective.losses(outputs, y)
-    if weight is None:
-      return {"loss": losses.mean(), **self.objective.metrics(outputs, y)}
-    return {"loss": objectives.weighted_mean(losses, weight),
-            **self.objective.metrics(outputs, y, weight=weight)}
+    return self.split_metrics(params, x, y, [weight], model_state,
+                              model_kwargs=model_kwargs)[0]
 
   def split_metrics(self, params: Any, x: Any, y: Any, weights: Sequence[Any],
                     model_state: dict | None = None, *, model_kwargs: dict | None = None
                     ) -> list[dict[str, jax.Array]]:
     """:meth:`metrics` of several weighted subsets of one input (validation and test
-    concatenated, each with its 0/1 rows) from a single forward pass."""
+    concatenated, each with its 0/1 rows; None: every row) from a single forward pass."""
     outputs, _ = self._apply(params, model_state, x, train=False, model_kwargs=model_kwargs)
     losses = self.objective.losses(outputs, y)
-    return [{"loss": objectives.weighted_mean(losses, w),
+    return [{"loss": losses.mean() if w is None else objectives.weighted_mean(losses, w),
              **self.objective.metrics(outputs, y, weight=w)} for w in weights]
 
   def sample_batch(
