@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/metaopt run lr-schedule
+	$(BIN)/metaopt run lr-schedule --config mlp_heldout
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 tests

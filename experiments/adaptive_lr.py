@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +45,36 @@ from metaopt.validation import check_choice, check_int, check_number, check_posi
 ADAPTIVE = ("plateau", "hd_sgd", "hd_adam")
 
 
+class Workload(NamedTuple):
+  """A dataset with a model, size and epoch budget of its own, trained after the
+  ``datasets`` (which share the config's ``model``, ``width``, ``depth``, ``batch_size``
+  and ``epochs``)."""
+
+  dataset: str
+  model: str
+  width: int
+  depth: int
+  batch_size: int
+  epochs: int
+
+  @property
+  def name(self) -> str:
+    """The report's task name, e.g. "mnist5k_28-resnet18-4x2"."""
+    return f"{self.dataset}-{self.model}-{self.width}x{self.depth}"
+
+
+# The offline stand-ins of the plans' workloads (every method, early stopping included,
+# runs on them as on the datasets): convolutions with BatchNorm (a ResNet-18's first two
+# stages on MNIST-5k at 28x28), attention (a BERT-style encoder on the generated sentiment
+# task) and a CTC loss (the speech recognizer on spoken words; accuracy is max(0, 1 - WER)).
+# A few epochs each, so the comparison takes minutes per workload on 2 CPU cores.
+STANDINS = (
+    Workload("mnist5k_28", "resnet18", 4, 2, 32, 3),
+    Workload("sentiment_synth", "bert", 32, 2, 32, 5),
+    Workload("spoken_words", "speech_ctc", 64, 1, 16, 5),
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
   datasets: tuple[str, ...] = DATASETS
@@ -66,16 +96,26 @@ class Config:
   threshold: float = 1.1          # val-loss target: this times the best final val loss on the task
   include_pretrained: bool = True
   self_tuning: tuple[str, ...] = tuple(SELF_TUNING)  # optax.contrib baselines, at defaults
+  workloads: tuple[Workload, ...] = STANDINS  # more tasks, each with its own model
   seed: int = 0
   data_dir: Optional[str] = None  # prepared tfds data (default: $TFDS_DATA_DIR)
   store: Optional[str] = None     # run store (SQLite file) recording every training run
 
   def __post_init__(self):
-    if not self.datasets:
-      raise ValueError("datasets must name at least one dataset")
+    if not self.datasets and not self.workloads:
+      raise ValueError("datasets and workloads are both empty: name at least one dataset")
     for name in self.datasets:
       check_choice("dataset", name, dataset_names())
     check_choice("model", self.model, model_kinds())
+    for w in self.workloads:
+      check_choice("workload dataset", w.dataset, dataset_names())
+      check_choice("workload model", w.model, model_kinds())
+      for name in ("width", "depth", "batch_size", "epochs"):
+        check_int(f"workload {name}", getattr(w, name))
+    names = list(self.datasets) + [w.name for w in self.workloads]
+    if len(set(names)) < len(names):
+      repeated = next(n for n in names if names.count(n) > 1)
+      raise ValueError(f"task {repeated!r} appears twice in datasets and workloads")
     check_number("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
     for name in ("width", "depth", "batch_size", "epochs", "seeds", "patience"):
       check_int(name, getattr(self, name))
@@ -101,8 +141,17 @@ def default_config(seed: int = 0) -> Config:
   return Config(seed=seed)
 
 
+def tasks(config: Config) -> dict[str, Workload]:
+  """Every task of a run by report name: the ``datasets`` (named by dataset) with the
+  config's model and budget, then the ``workloads``."""
+  shared = {d: Workload(d, config.model, config.width, config.depth, config.batch_size,
+                        config.epochs) for d in config.datasets}
+  return shared | {w.name: w for w in config.workloads}
+
+
 def quick_config(seed: int = 0) -> Config:
   return Config(datasets=("iris", "wine"), epochs=3, seeds=1, tune_lrs=(1e-3, 3e-3), seed=seed,
+                workloads=(),
                 self_tuning=("schedule_free_adamw", "prodigy"))  # two of five: stays quick
 
 
@@ -169,15 +218,15 @@ def method_txs(config: Config, steps: int) -> dict:
   return txs
 
 
-def evaluate_task(config: Config, dataset: str, store=None) -> dict:
-  """Trains every method on one dataset; returns curves, timings and the quality-target runs.
+def evaluate_task(config: Config, workload: Workload, store=None) -> dict:
+  """Trains every method on one workload; returns curves, timings and the quality-target runs.
 
   ``store``: a RunStore or path that records every training run (None: not recorded).
   """
-  probe = make_task(TaskConfig(dataset, config.model, config.width, config.depth,
-                               config.batch_size, 1, config.seed))
+  probe = make_task(TaskConfig(workload.dataset, workload.model, workload.width,
+                               workload.depth, workload.batch_size, 1, config.seed))
   every = steps_per_epoch(probe)
-  steps = every * config.epochs
+  steps = every * workload.epochs
   task = make_task(probe.config._replace(total_steps=steps))
   seeds = seed_keys(config.seeds, config.seed)
   stop = lambda: early_stopping(config.patience, rtol=config.rtol)
@@ -188,7 +237,7 @@ def evaluate_task(config: Config, dataset: str, store=None) -> dict:
   def train(make_tx, hparams, keys, method: str):
     return train_and_record(task, make_tx, hparams, keys, store=store, steps=steps,
                             eval_every=every, feed_val_loss=True,
-                            vectorize=config.model in VMAPPED, dropout=dropout,
+                            vectorize=workload.model in VMAPPED, dropout=dropout,
                             run_info={"experiment": "adaptive-lr", "method": method})
 
   def grid(make_tx, hparams: dict, groups: int, method: str):
@@ -328,10 +377,17 @@ def write_report(out, config: Config, results: dict, timings: dict) -> Result:
                      ylabel="validation loss", xlabel="epoch", logy=True)
 
   passed = sum(t["passed"] for t in target.values())
+  shared = (f"{', '.join(config.datasets)}: {config.model} {config.width}x{config.depth}, "
+            f"batch {config.batch_size}, up to {config.epochs} epochs. "
+            if config.datasets else "")
+  own = ("Workloads with a model and budget of their own: "
+         + ", ".join(f"{w.name} (batch {w.batch_size}, up to {w.epochs} epochs)"
+                     for w in config.workloads)
+         + "; where the loss is CTC (speech), `test acc` is max(0, 1 - word error rate). "
+         if config.workloads else "")
   lines = [
       "# Adaptive learning rates vs fixed schedules", "",
-      f"{config.model} {config.width}x{config.depth}, batch {config.batch_size}, "
-      f"up to {config.epochs} epochs, validation split 0.2 evaluated every epoch and fed to the optimizer, "
+      f"{shared}{own}Validation split 0.2 evaluated every epoch and fed to the optimizer, "
       f"{config.seeds} seed(s) per method. Every method stops after {config.patience} epochs "
       f"without a {config.rtol:.0%} relative improvement of the validation loss "
       "(reduce on plateau: its own signal; the others: `early_stopping` chained after). "
@@ -412,12 +468,13 @@ def run(config: Config, out, *, progress: bool = True, store=None) -> Result:
   store = config.store if store is None else store
   timings, results = {}, {}
   start = time.perf_counter()
-  for i, dataset in enumerate(config.datasets):
-    print(f"[{i + 1}/{len(config.datasets)}] {dataset}", flush=True)
+  todo = tasks(config)
+  for i, (name, workload) in enumerate(todo.items()):
+    print(f"[{i + 1}/{len(todo)}] {name}", flush=True)
     t0 = time.perf_counter()
     with using_data_dir(config.data_dir):
-      results[dataset] = dict(evaluate_task(config, dataset, store=store),
-                              threshold=config.threshold)
-    timings[dataset] = time.perf_counter() - t0
+      results[name] = dict(evaluate_task(config, workload, store=store),
+                           threshold=config.threshold)
+    timings[name] = time.perf_counter() - t0
   timings["total"] = time.perf_counter() - start
   return write_report(out, config, results, timings)

@@ -1,7 +1,8 @@
 """`metaopt run controllers`: LR controllers learned three ways, against the hand schedules.
 
-On the held-out tasks of the lr-schedule experiment (datasets, widths and lengths
-no controller saw), every method trains with several seeds:
+On the MLP held-out tasks of the lr-schedule experiment (datasets, widths and lengths
+no controller saw; ``heldout`` takes others, the plans' workloads among them), every
+method trains with several seeds:
 
 - the TBPTT controller shipped with metaopt (truncated backprop, ``metaopt run
   lr-schedule``);
@@ -59,7 +60,7 @@ class Config:
   supervised: SupervisedConfig
   rl: RLConfig
   pes: MetaLRConfig                  # meta-trained with estimator="pes" when available
-  heldout: tuple[TaskConfig, ...] = lr_schedule.HELDOUT
+  heldout: tuple[TaskConfig, ...] = lr_schedule.MLP_HELDOUT
   seeds: int = 3                     # evaluation seeds per held-out task
   lrs: tuple[float, ...] = DEFAULT_LRS  # tuning grid of every hand schedule
   evals: int = 20                    # evaluations per run; the RL policy acts after each
@@ -277,7 +278,8 @@ def write_report(out, config: Config, results: dict, compute: dict, timings: dic
                    "meta-training wall s": c.get("seconds"), "note": c.get("note", "")}
                   for m, c in compute.items()]
   lines = ["# LR controllers learned three ways vs hand schedules", "",
-           f"Held-out tasks of the lr-schedule experiment, {config.seeds} seed(s) each; "
+           f"Held-out tasks ({', '.join(t.name for t in config.heldout)}), "
+           f"{config.seeds} seed(s) each; "
            f"hand schedules are Adam tuned best-of-grid over LR {list(config.lrs)} on final "
            "validation accuracy (ties: loss). The learned controllers run once per seed, "
            "untuned. Numbers are test-split means over seeds at the end of training "

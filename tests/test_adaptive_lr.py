@@ -93,11 +93,14 @@ def test_early_stopping_without_a_validation_loss_says_so_instead_of_never_stopp
 QUICK = adaptive_lr.quick_config
 
 
+WORKLOAD = adaptive_lr.Workload("wine", "mlp", 4, 2, 16, 3)  # its own size, batch and epochs
+
+
 def tiny_quick(seed=0):
   return dataclasses.replace(QUICK(seed), datasets=("iris",), width=8,
                              depth=1, epochs=2, tune_lrs=(1e-3, 1e-2),
                              include_pretrained=False,  # pretrained_lr is tested elsewhere
-                             self_tuning=("dog",))
+                             self_tuning=("dog",), workloads=(WORKLOAD,))
 
 
 def test_cli_adaptive_lr_quick_writes_report_results_and_plots(tmp_path, monkeypatch):
@@ -115,6 +118,12 @@ def test_cli_adaptive_lr_quick_writes_report_results_and_plots(tmp_path, monkeyp
     assert 0.0 <= row["test acc"] <= 1.0
   curves = results["curves"]["iris"]
   assert all(len(c["learning_rate"][0]) == 2 * 3 for c in curves.values())  # 2 epochs of 3
+  # The workload trains with its own model, batch and epochs: 3 epochs of ceil(106 / 16).
+  assert {r["task"] for r in results["rows"]} == {"iris", "wine-mlp-4x2"}
+  curves = results["curves"]["wine-mlp-4x2"]
+  assert all(len(c["learning_rate"][0]) == 3 * 7 for c in curves.values())
+  assert all(c["eval_steps"][0] == [0, 7, 14, 21] for c in curves.values())  # once an epoch
+  assert "wine-mlp-4x2 (batch 16, up to 3 epochs)" in (out / "report.md").read_text()
   target = results["quality_target"]["iris"]
   assert set(target["starts"]) == {"10x", "0.1x"}
   report = (out / "report.md").read_text()
@@ -130,3 +139,19 @@ def test_adaptive_lr_rejects_lr_schedule_only_options(capsys, tmp_path):
   assert "experiment 'adaptive-lr' has no config field 'save_controller'" in \
       capsys.readouterr().err
   assert not any(tmp_path.iterdir())  # no run folder for a failed start
+
+
+def test_adaptive_lr_config_refuses_bad_workloads():
+  base = adaptive_lr.quick_config()
+  with pytest.raises(ValueError, match="unknown workload model 'resnet'; accepted: .*resnet18"):
+    dataclasses.replace(base, workloads=(WORKLOAD._replace(model="resnet"),))
+  with pytest.raises(ValueError, match="workload epochs must be an integer >= 1, got 0"):
+    dataclasses.replace(base, workloads=(WORKLOAD._replace(epochs=0),))
+  with pytest.raises(ValueError, match="task 'wine-mlp-4x2' appears twice"):
+    dataclasses.replace(base, workloads=(WORKLOAD, WORKLOAD))
+  with pytest.raises(ValueError, match="datasets and workloads are both empty"):
+    dataclasses.replace(base, datasets=(), workloads=())
+  # The default runs the offline stand-ins of the plans' workloads after the datasets.
+  names = list(adaptive_lr.tasks(adaptive_lr.default_config()))
+  assert names[-3:] == ["mnist5k_28-resnet18-4x2", "sentiment_synth-bert-32x2",
+                        "spoken_words-speech_ctc-64x1"]

@@ -17,6 +17,7 @@ from metaopt.tasks import TaskConfig, task_family
 from metaopt.tasks.tfds_data import load_class_pool
 
 NAMED = [(e, n) for e in experiments.REGISTRY for n in experiments.named_configs(e)]
+OFFLINE = {("lr-schedule", "mlp_heldout")}  # `make demo`'s: offline MLP tasks, no plan data
 
 
 def named(experiment: str, name: str, data_dir):
@@ -35,7 +36,17 @@ def test_the_plans_have_named_configs_with_estimates():
       ("controllers", "plan_workloads"), ("maml-transfer", "plan_transfer")}
   for experiment, name in NAMED:
     estimate = experiments.estimate(experiments.named_configs(experiment)[name])
-    assert "GPU memory" in estimate and "GPU-hours" in estimate, (experiment, name)
+    if (experiment, name) in OFFLINE:
+      assert "no GPU needed" in estimate and "CPU cores" in estimate, name
+    else:
+      assert "GPU memory" in estimate and "GPU-hours" in estimate, (experiment, name)
+
+
+def test_the_demo_config_is_the_defaults_mlp_tasks():
+  _, config, _ = named("lr-schedule", "mlp_heldout", "/data")
+  lr_schedule = experiments.load("lr-schedule")
+  assert config.heldout == lr_schedule.MLP_HELDOUT
+  assert config.meta == lr_schedule.default_config(0).meta  # the same controller
 
 
 @pytest.mark.parametrize("experiment, name", NAMED)
@@ -110,7 +121,8 @@ def mock_tfds():
 
 
 @pytest.mark.parametrize("experiment, name",
-                         [(e, n) for e, n in NAMED if e != "maml-transfer"])
+                         [(e, n) for e, n in NAMED
+                          if e != "maml-transfer" and (e, n) not in OFFLINE])
 def test_named_config_runs_end_to_end_on_mock_data(experiment, name, mock_tfds, tmp_path):
   _, config, _ = named(experiment, name, tmp_path)
   config = tiny(experiment, config, str(tmp_path))
