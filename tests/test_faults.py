@@ -201,7 +201,9 @@ def test_a_torn_last_metrics_line_is_dropped_and_a_bad_middle_line_is_named(tmp_
 
 # --- kill -9 through the CLI ---------------------------------------------------------------
 
-TINY = ["--quick", "--no-progress", "--set", "meta.meta_steps=8", "--set", "meta.checkpoint_every=2",
+# 30 meta steps: long enough that the killed run is still meta-training when the kill lands
+# on a loaded machine (8 could all finish between the checkpoint's appearance and the kill).
+TINY = ["--quick", "--no-progress", "--set", "meta.meta_steps=30", "--set", "meta.checkpoint_every=2",
         "--set", "seeds=1", "--set", "lrs=[0.001]", "--set", "evals=2",
         "--set", "include_pretrained=false", "--set", "self_tuning=[]",
         "--set", "heldout=[{dataset='iris', model='mlp', width=8, depth=1, batch_size=16, "
@@ -258,7 +260,7 @@ def test_kill_9_and_damage_then_resume_give_the_uninterrupted_result(tmp_path, c
   newest = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
   shutil.rmtree(checkpoints / str(newest) / "state")
   with open(cut / "meta" / "metrics.jsonl", "a") as f:
-    f.write('{"step": 8, "meta_lo')
+    f.write('{"step": 30, "meta_lo')
   shutil.rmtree(tmp_path / "c2")
   assert cli.main(args) == 0
   err = capsys.readouterr().err

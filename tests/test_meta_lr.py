@@ -12,7 +12,7 @@ from metaopt import estimators
 from metaopt.meta import lr as meta_lr
 from metaopt.meta.lr import MetaLRConfig, _finite_mean, meta_train
 from metaopt.schedules import init_controller
-from metaopt.tasks import task_family
+from metaopt.tasks import TaskConfig, make_task, task_family
 
 FAMILY = task_family(datasets=("digits",), widths=(16,), depths=(1,), batch_sizes=(16,),
                      total_steps=(30, 60))
@@ -134,3 +134,45 @@ def test_pes_resumes_exactly_with_staggered_restarts(tmp_path):
 def test_bad_estimator_settings_name_the_value(kw, match):
   with pytest.raises(ValueError, match=match):
     tiny(**kw)
+
+
+
+
+def test_batchnorm_statistics_are_carried_and_the_meta_gradient_agrees_with_differences():
+  # A stateful model: a ResNet's first stage (BatchNorm) on the 8x8 digits, through the
+  # compiled init and segment meta_train runs (one population member, 5 steps).
+  family = task_family(datasets=("digits",), models=("resnet18",), widths=(2,), depths=(1,),
+                       batch_sizes=(8,), total_steps=(20,))
+  config = tiny(family=family, lanes=1, population=1, segment_length=5)
+  trainer = meta_lr.MetaTrainer(config)
+  task = make_task(TaskConfig("digits", "resnet18", 2, 1, 8, 20, 0))
+  fns, arrays = trainer._fns_for(task), task.arrays()
+  theta = init_controller(jax.random.key(1), trainer.controller)
+  states = fns.init(theta, jax.random.split(jax.random.key(2), 1), arrays, jnp.float32(20))
+  assert set(states.model_state) == {"batch_stats"}
+  segment = lambda th: fns.segment(th, states, arrays, jnp.float32(20), jnp.int32(8))
+  loss, grad, n_ok, after, _, _ = segment(theta)
+  assert int(n_ok) == 1
+  # Five training steps moved the running statistics the meta-loss evaluates with.
+  assert not any(np.allclose(a, b) for a, b in zip(jax.tree.leaves(after.model_state),
+                                                    jax.tree.leaves(states.model_state)))
+  one = jax.tree.map(lambda x: x[0], after)
+  key = jax.random.fold_in(jax.random.fold_in(one.key, one.step), 1)
+  val = task.sample_batch(arrays, key, split="val", batch_size=meta_lr.VAL_BATCH)
+  running = task.metrics(one.params, val["x"], val["y"], one.model_state)["loss"]
+  problem = meta_lr.lr_problem(task, arrays, trainer.controller, config, 20)
+  np.testing.assert_allclose(problem.meta_loss(theta, one, None), jnp.log(running), rtol=1e-5)
+  # The ReLUs make the meta-loss piecewise smooth and float32 central differences of a
+  # gradient this small are noisy (test_unroll checks TBPTT tightly on a smooth problem):
+  # here they must agree in sign and within a factor of 2.
+  eps = 0.1
+  for seed in (5, 6):
+    d = jax.tree.map(lambda x: jax.random.normal(jax.random.key(seed), x.shape), theta)
+    fd = (segment(jax.tree.map(lambda t, v: t + eps * v, theta, d))[0]
+          - segment(jax.tree.map(lambda t, v: t - eps * v, theta, d))[0]) / (2 * eps)
+    analytic = sum(jnp.vdot(g, v) for g, v in zip(jax.tree.leaves(grad), jax.tree.leaves(d)))
+    assert abs(float(analytic)) > 1e-5  # the check below would notice a zero gradient
+    assert 0.5 < float(analytic) / float(fd) < 2.0, (float(analytic), float(fd))
+  # Masking rows out of a batch would put them into the batch statistics: refused.
+  with pytest.raises(ValueError, match="keeps BatchNorm statistics.*batch_size=None"):
+    meta_lr.lr_problem(task, arrays, trainer.controller, config, 20, batch_size=8)

@@ -105,6 +105,7 @@ class InnerState(NamedTuple):
   opt_state: PyTree
   key: jax.Array   # raw uint32 key; step t draws fold_in(fold_in(key, t), 0/1)
   step: jax.Array
+  model_state: PyTree = None  # a stateful model's BatchNorm statistics; None otherwise
 
 
 def learned_lr_tx(controller, theta, config: MetaLRConfig, total_steps):
@@ -123,8 +124,14 @@ def lr_problem(task, arrays: dict, controller, config: MetaLRConfig, total_steps
 
   With ``batch_size`` (possibly traced) each step samples the family's largest
   batch and masks it down to ``batch_size`` examples, so tasks that differ only
-  in batch size share one compiled program.
+  in batch size share one compiled program. A stateful model (BatchNorm) carries its
+  statistics in the state through the unroll; it trains on batches of exactly its
+  task's size (masked rows would enter the batch statistics), and the meta-loss reads
+  the running statistics, as evaluation does.
   """
+  if task.stateful and batch_size is not None:
+    raise ValueError(f"model {task.config.model!r} keeps BatchNorm statistics: its batches "
+                     "cannot be masked to a traced batch_size (pass batch_size=None)")
   tx = learned_lr_tx(controller, None, config, total_steps)
   max_batch = max(config.family.batch_sizes)
 
@@ -135,24 +142,37 @@ def lr_problem(task, arrays: dict, controller, config: MetaLRConfig, total_steps
     return dict(batch, weight=(jnp.arange(max_batch) < batch_size).astype(jnp.float32))
 
   def init(theta, key):
-    params = task.init(jax.random.fold_in(key, 0))
+    variables = task.init_variables(jax.random.fold_in(key, 0))
+    params = variables["params"]
+    model_state = {k: v for k, v in variables.items() if k != "params"}
     opt_state = learned_lr_tx(controller, theta, config, total_steps).init(params)
-    return InnerState(params, opt_state, key, jnp.zeros((), jnp.int32))
+    return InnerState(params, opt_state, key, jnp.zeros((), jnp.int32),
+                      model_state if task.stateful else None)
+
+  def train_loss(params, model_state, batch):
+    if not task.stateful:
+      return task.loss(params, batch), None
+    return task.loss_and_state(params, model_state, batch)
 
   def step(theta, state, _):
     key = jax.random.fold_in(jax.random.fold_in(state.key, state.step), 0)
-    loss, grads = jax.value_and_grad(task.loss)(state.params, sample_train_batch(key))
+    (loss, model_state), grads = jax.value_and_grad(train_loss, has_aux=True)(
+        state.params, state.model_state, sample_train_batch(key))
     # theta enters through the state; re-inserting it is what jax.grad differentiates.
     updates, opt_state = tx.update(grads, with_theta(state.opt_state, theta),
                                    state.params, value=loss)
     new = InnerState(optax.apply_updates(state.params, updates), opt_state,
-                     state.key, state.step + 1)
+                     state.key, state.step + 1, model_state)
     return new, {"loss": loss, "learning_rate": current_lr(opt_state)}
 
   def meta_loss(theta, state, _):
     key = jax.random.fold_in(jax.random.fold_in(state.key, state.step), 1)
     batch = task.sample_batch(arrays, key, split="val", batch_size=VAL_BATCH)
-    return jnp.log(task.loss(state.params, batch))
+    if task.stateful:
+      loss = task.metrics(state.params, batch["x"], batch["y"], state.model_state)["loss"]
+    else:
+      loss = task.loss(state.params, batch)
+    return jnp.log(loss)
 
   return InnerProblem(init=init, step=step, meta_loss=meta_loss)
 
@@ -225,7 +245,10 @@ class MetaTrainer:
     only in those (or in seed) share the compiled code.
     """
     c = task.config
-    shape_key = (c.dataset, c.model, c.width, c.depth)
+    # A stateful model's batches are not masked (see lr_problem): one program per batch size.
+    shape_key = (c.dataset, c.model, c.width, c.depth) + ((c.batch_size,) if task.stateful
+                                                          else ())
+    masked = lambda batch_size: None if task.stateful else batch_size
     if shape_key not in self._fns:
       config, controller, K = self.config, self.controller, self.config.segment_length
 
@@ -234,7 +257,8 @@ class MetaTrainer:
         return population_map(problem.init, (None, 0), **self._map)(theta, keys)
 
       def segment(theta, states, arrays, total_steps, batch_size):
-        problem = lr_problem(task, arrays, controller, config, total_steps, batch_size)
+        problem = lr_problem(task, arrays, controller, config, total_steps,
+                             masked(batch_size))
         est = population_map(lambda s: estimators.tbptt(problem, theta, s, None, None,
                                                         length=K), **self._map)(states)
         loss, grad, n_ok = _finite_mean(est.meta_loss, est.grad)
@@ -242,11 +266,11 @@ class MetaTrainer:
         return loss, grad, n_ok, est.state, jnp.mean(lr), jnp.mean(est.metrics["loss"])
 
       if config.estimator != "tbptt":
-        init, segment = self._perturbed_fns(task)
+        init, segment = self._perturbed_fns(task, masked)
       self._fns[shape_key] = _LaneFns(jax.jit(init), jax.jit(segment))
     return self._fns[shape_key]
 
-  def _perturbed_fns(self, task):
+  def _perturbed_fns(self, task, masked):
     """init/segment of a lane under ``es`` or ``pes``: forward runs only.
 
     A lane's state is one inner state (es: every perturbed run continues it) or a
@@ -266,7 +290,7 @@ class MetaTrainer:
       return state._replace(particles=jax.tree.map(jnp.zeros_like, state.particles))
 
     def segment(theta, state, arrays, total_steps, batch_size, key):
-      problem = lr_problem(task, arrays, controller, config, total_steps, batch_size)
+      problem = lr_problem(task, arrays, controller, config, total_steps, masked(batch_size))
       kw = dict(key=key, sigma=config.sigma, length=K, sharding=self.sharding)  # pairs axis
       if config.estimator == "es":
         est = estimators.es(problem, theta, state, None, None, population=config.population,
