@@ -1,6 +1,8 @@
 """`metaopt run adaptive-lr`: adaptive LR methods against fixed schedules, with early stopping.
 
-Methods on every dataset (an MLP by default; ``model`` picks another family), on the
+Methods on every dataset (an MLP by default; ``model`` picks another family) and on
+every ``workload`` (a dataset with its own model and budget: by default a small ResNet,
+a BERT-style encoder and a CTC speech recognizer on the offline stand-ins), on the
 base optimizer (``optimizer``: Adam by default, AdamW or SGD with momentum) at
 ``learning_rate`` (1e-3): a constant LR (that one, and tuned on validation accuracy over
 a small grid), step decay, cosine, reduce-on-plateau, hypergradient SGD and Adam, the
