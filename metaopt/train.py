@@ -140,12 +140,9 @@ def training_step(task, tx: optax.GradientTransformation, arrays: dict, *,
       kw = dict(dropout_rate=dropout(hparams), key=jax.random.fold_in(step_key, 1))
     if model_args is not None:
       kw["model_kwargs"] = model_args(hparams)
-    if state.model_state is None:
-      loss, grads = jax.value_and_grad(task.loss)(state.params, batch, **kw)
-      model_state = None
-    else:  # BatchNorm statistics move with the step, as in any Flax training loop
-      (loss, model_state), grads = jax.value_and_grad(task.loss_and_state, has_aux=True)(
-          state.params, state.model_state, batch, **kw)
+    # BatchNorm statistics (if any) move with the step, as in any Flax training loop.
+    (loss, model_state), grads = jax.value_and_grad(task.loss_and_state, has_aux=True)(
+        state.params, state.model_state, batch, **kw)
     extra = {}
     if feed_val_loss and state.val_loss is not None:
       extra = dict(val_loss=state.val_loss, new_eval=state.new_eval)

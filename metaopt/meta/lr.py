@@ -125,13 +125,12 @@ def lr_problem(task, arrays: dict, controller, config: MetaLRConfig, total_steps
   With ``batch_size`` (possibly traced) each step samples the family's largest
   batch and masks it down to ``batch_size`` examples, so tasks that differ only
   in batch size share one compiled program. A stateful model (BatchNorm) carries its
-  statistics in the state through the unroll; it trains on batches of exactly its
-  task's size (masked rows would enter the batch statistics), and the meta-loss reads
-  the running statistics, as evaluation does.
+  statistics in the state through the unroll and ignores ``batch_size``: it trains on
+  batches of its task's own size (masked rows would enter the batch statistics), and
+  the meta-loss reads the running statistics, as evaluation does.
   """
-  if task.stateful and batch_size is not None:
-    raise ValueError(f"model {task.config.model!r} keeps BatchNorm statistics: its batches "
-                     "cannot be masked to a traced batch_size (pass batch_size=None)")
+  if task.stateful:
+    batch_size = None
   tx = learned_lr_tx(controller, None, config, total_steps)
   max_batch = max(config.family.batch_sizes)
 
@@ -149,14 +148,9 @@ def lr_problem(task, arrays: dict, controller, config: MetaLRConfig, total_steps
     return InnerState(params, opt_state, key, jnp.zeros((), jnp.int32),
                       model_state if task.stateful else None)
 
-  def train_loss(params, model_state, batch):
-    if not task.stateful:
-      return task.loss(params, batch), None
-    return task.loss_and_state(params, model_state, batch)
-
   def step(theta, state, _):
     key = jax.random.fold_in(jax.random.fold_in(state.key, state.step), 0)
-    (loss, model_state), grads = jax.value_and_grad(train_loss, has_aux=True)(
+    (loss, model_state), grads = jax.value_and_grad(task.loss_and_state, has_aux=True)(
         state.params, state.model_state, sample_train_batch(key))
     # theta enters through the state; re-inserting it is what jax.grad differentiates.
     updates, opt_state = tx.update(grads, with_theta(state.opt_state, theta),
@@ -168,7 +162,7 @@ def lr_problem(task, arrays: dict, controller, config: MetaLRConfig, total_steps
   def meta_loss(theta, state, _):
     key = jax.random.fold_in(jax.random.fold_in(state.key, state.step), 1)
     batch = task.sample_batch(arrays, key, split="val", batch_size=VAL_BATCH)
-    if task.stateful:
+    if task.stateful:  # inference mode: the running statistics
       loss = task.metrics(state.params, batch["x"], batch["y"], state.model_state)["loss"]
     else:
       loss = task.loss(state.params, batch)
@@ -245,10 +239,9 @@ class MetaTrainer:
     only in those (or in seed) share the compiled code.
     """
     c = task.config
-    # A stateful model's batches are not masked (see lr_problem): one program per batch size.
+    # A stateful model's batches are not masked (lr_problem): one program per batch size.
     shape_key = (c.dataset, c.model, c.width, c.depth) + ((c.batch_size,) if task.stateful
                                                           else ())
-    masked = lambda batch_size: None if task.stateful else batch_size
     if shape_key not in self._fns:
       config, controller, K = self.config, self.controller, self.config.segment_length
 
@@ -257,8 +250,7 @@ class MetaTrainer:
         return population_map(problem.init, (None, 0), **self._map)(theta, keys)
 
       def segment(theta, states, arrays, total_steps, batch_size):
-        problem = lr_problem(task, arrays, controller, config, total_steps,
-                             masked(batch_size))
+        problem = lr_problem(task, arrays, controller, config, total_steps, batch_size)
         est = population_map(lambda s: estimators.tbptt(problem, theta, s, None, None,
                                                         length=K), **self._map)(states)
         loss, grad, n_ok = _finite_mean(est.meta_loss, est.grad)
@@ -266,11 +258,11 @@ class MetaTrainer:
         return loss, grad, n_ok, est.state, jnp.mean(lr), jnp.mean(est.metrics["loss"])
 
       if config.estimator != "tbptt":
-        init, segment = self._perturbed_fns(task, masked)
+        init, segment = self._perturbed_fns(task)
       self._fns[shape_key] = _LaneFns(jax.jit(init), jax.jit(segment))
     return self._fns[shape_key]
 
-  def _perturbed_fns(self, task, masked):
+  def _perturbed_fns(self, task):
     """init/segment of a lane under ``es`` or ``pes``: forward runs only.
 
     A lane's state is one inner state (es: every perturbed run continues it) or a
@@ -290,7 +282,7 @@ class MetaTrainer:
       return state._replace(particles=jax.tree.map(jnp.zeros_like, state.particles))
 
     def segment(theta, state, arrays, total_steps, batch_size, key):
-      problem = lr_problem(task, arrays, controller, config, total_steps, masked(batch_size))
+      problem = lr_problem(task, arrays, controller, config, total_steps, batch_size)
       kw = dict(key=key, sigma=config.sigma, length=K, sharding=self.sharding)  # pairs axis
       if config.estimator == "es":
         est = estimators.es(problem, theta, state, None, None, population=config.population,

@@ -134,7 +134,8 @@ class Task:
   def loss_and_state(self, params: Any, model_state: dict, batch: dict[str, Any], *,
                      dropout_rate: Any = None, key: jax.Array | None = None,
                      model_kwargs: dict | None = None) -> tuple[jax.Array, dict]:
-    """``(mean loss, new model state)`` of a training step (batch statistics updated)."""
+    """``(mean loss, new model state)`` of a training step (batch statistics updated); a
+    model without state takes and returns ``model_state=None``."""
     outputs, model_state = self._apply(params, model_state, batch["x"], train=True,
                                        dropout_rate=dropout_rate, key=key,
                                        model_kwargs=model_kwargs)
