@@ -4,18 +4,19 @@ Candidates, on every shape below:
   learned_lr:    optax.chain(scale_by_adam(), metaopt.scale_by_learned_lr(LRController(),
                  theta, learning_rate=1e-3, total_steps=N)), theta random (non-zero output layer);
   pretrained_lr: optax.chain(scale_by_adam(), metaopt.pretrained_lr(total_steps=N)), the
-                 shipped controller;
+                 shipped controller (since 2026-12-02 it reads no norm feature, so it skips
+                 the norm of the update that learned_lr computes);
   hd_adam:       metaopt.hypergradient_adam(1e-3) (its reference is optax.adam(1e-3)).
 References: adam_cosine = optax.adam(optax.cosine_decay_schedule(1e-3, N)); adam = optax.adam(1e-3).
 All run the same jitted training step (sample batch, forward, backward, update) as a
-lax.scan of 500 steps via metaopt.train.training_step + metaopt.unroll, compiled
+lax.scan of 500 steps (50 for the stand-ins) via metaopt.train.training_step + metaopt.unroll, compiled
 before timing, interleaved (A B C D E A B ...), median of the rounds, on two clocks:
 wall time, and this process's CPU time (all threads), which a machine shared with
 other jobs disturbs much less. Each shape's numbers go to
 results/benchmarks/bench_learned_lr_overhead/<shape>.json; ``--shapes 0,2`` runs some of
 them (e.g. one process per shape), and the table covers every shape measured so far.
-Shapes: the held-out tasks of the lr-schedule experiment (relu MLPs, batch 32, N their
-training lengths), a wide tanh MLP at batch 16 (N = 1,500; outside every benchmark and
+Shapes: the held-out tasks of the lr-schedule experiment (relu MLPs at batch 32 and the
+ResNet, encoder and speech stand-ins; N their training lengths), a wide tanh MLP at batch 16 (N = 1,500; outside every benchmark and
 experiment), and the MNIST MLP at batch 128 this benchmark started with.
 Target: learned_lr / adam_cosine and pretrained_lr / adam_cosine <= 1.03 on every shape
 (paired CPU-time ratio; an earlier target was 1.05 on the batch-128 MLP only).
@@ -70,8 +71,8 @@ def tanh_task(config: TaskConfig):
 
 
 SHAPES = {  # label -> (task config, model builder)
-    **{f"held-out {c.dataset} relu {c.width}x{c.depth} b{c.batch_size}": (c, make_task)
-       for c in HELDOUT},
+    **{f"held-out {c.dataset} {'relu' if c.model == 'mlp' else c.model} {c.width}x{c.depth} "
+       f"b{c.batch_size}": (c, make_task) for c in HELDOUT},
     "wide tanh mnist5k 1024x2 b16": (TaskConfig("mnist5k", "mlp", 1024, 2, 16, 1500, 0),
                                      tanh_task),
     "mnist5k relu 256x2 b128": (TaskConfig("mnist5k", "mlp", 256, 2, 128, 1000, 0), make_task),
@@ -104,9 +105,18 @@ def _norm_only() -> optax.GradientTransformation:
 
 
 def ablations(total_steps: int, theta) -> dict:
-  """Pieces of learned_lr's cost: each adds one piece to the previous row's optimizer."""
+  """Pieces of learned_lr's cost: the norm of the update alone (on adam + cosine), the
+  learned LR without the controller network, and without the norm features."""
   zero = lambda th, x: jnp.zeros((), jnp.float32) * th  # no network: features + smoothing only
+  keep = np.array([i for i, f in enumerate(metaopt.FEATURE_NAMES)
+                   if f not in metaopt.NORM_FEATURES])
+  first = theta["Dense_0"]
+  no_norm_theta = {**theta, "Dense_0": {**first, "kernel": first["kernel"][keep]}}
   return {
+      "learned_lr, no norm features": lambda: optax.chain(
+          optax.scale_by_adam(), metaopt.scale_by_learned_lr(
+              metaopt.LRController(), no_norm_theta, learning_rate=LR, total_steps=total_steps,
+              features=[metaopt.FEATURE_NAMES[i] for i in keep])),
       "adam_cosine+norm": lambda: optax.chain(
           optax.adam(optax.cosine_decay_schedule(LR, total_steps)), _norm_only()),
       "learned_lr, no controller network": lambda: optax.chain(
@@ -122,9 +132,8 @@ def step_profile(task, tx) -> dict:
   """What XLA makes of one training step with ``tx``: the ops of the compiled scan body
   (each one a separate kernel on XLA:CPU, with a fixed cost) and the bytes the program
   reads and writes (XLA's cost analysis), for a 10-step scan."""
-  from metaopt.train import RunState, training_step
-  params = task.init(jax.random.PRNGKey(0))
-  state = RunState(params, tx.init(params), jax.random.PRNGKey(1), jnp.zeros((), jnp.int32))
+  from metaopt.train import training_step
+  state = common.initial_run_state(task, tx)
   step = training_step(task, tx, task.arrays())
   run = jax.jit(lambda state, arrays: metaopt.unroll(step, None, state, None, length=10))
   compiled = run.lower(state, task.arrays()).compile()
@@ -217,7 +226,7 @@ def main():
       p.add_argument("--shapes", default=None,
                      help="comma-separated indices into SHAPES to run (default: all); "
                           "every run rewrites the table from all shapes measured so far")))
-  steps = 20 if args.quick else 500
+  scan_steps = 20 if args.quick else 500
   theta = common.random_theta(metaopt.init_controller(jax.random.PRNGKey(0),
                                                       metaopt.LRController()),
                               jax.random.PRNGKey(42))
@@ -238,6 +247,8 @@ def main():
     makers = candidates(n, theta)
     if args.ablate:
       makers.update(ablations(n, theta))
+    # The stand-ins' steps take 5-50 ms: a shorter scan keeps a round in seconds.
+    steps = scan_steps if config.model == "mlp" else max(1, scan_steps // 10)
     compiled = {name: common.scanned_training(task, make(), steps) for name, make in makers.items()}
     wall, cpu = interleaved_both_clocks(compiled, repeats=args.repeats)
     result = dict(task=config._asdict(), model=type(task.model).__name__, steps_per_call=steps,
@@ -273,7 +284,8 @@ def main():
         extra = (result["cpu"]["per_step_seconds"][name]
                  - result["cpu"]["per_step_seconds"]["adam_cosine"]) * 1e6
         ablation_rows.append([label, name, f"{extra:+.1f} us", f"{r['paired_median']:.3f}"])
-  print(f"\nLearned-LR overhead per training step ({steps}-step lax.scan, median of "
+  print(f"\nLearned-LR overhead per training step ({scan_steps}-step lax.scan, "
+        f"{max(1, scan_steps // 10)} for the stand-ins; median of "
         f"{args.repeats} interleaved rounds; target paired CPU-time ratio <= {TARGET} for the "
         "learned LR)\n")
   print(common.table(["shape", "candidate / reference", "candidate CPU / step",

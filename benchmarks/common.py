@@ -144,15 +144,26 @@ def random_theta(theta: Any, key: jax.Array, scale: float = 0.1) -> Any:
                                       for k, x in zip(keys, leaves)])
 
 
+def initial_run_state(task, tx):
+  """A fresh ``metaopt.train.RunState`` of ``task`` with ``tx``; a stateful model's (BatchNorm)
+  statistics travel in ``model_state``."""
+  import jax.numpy as jnp
+  from metaopt.train import RunState
+
+  variables = task.init_variables(jax.random.PRNGKey(0))
+  params = variables["params"]
+  model_state = {k: v for k, v in variables.items() if k != "params"} if task.stateful else None
+  return RunState(params, tx.init(params), jax.random.PRNGKey(1), jnp.zeros((), jnp.int32),
+                  model_state=model_state)
+
+
 def scanned_training(task, tx, steps: int) -> Callable[[], Any]:
   """A compiled ``run() -> final state`` of ``steps`` training steps of ``task`` with ``tx``."""
-  import jax.numpy as jnp
   import metaopt
-  from metaopt.train import RunState, training_step
+  from metaopt.train import training_step
 
   arrays = task.arrays()
-  params = task.init(jax.random.PRNGKey(0))
-  state = RunState(params, tx.init(params), jax.random.PRNGKey(1), jnp.zeros((), jnp.int32))
+  state = initial_run_state(task, tx)
   step = training_step(task, tx, arrays)
   run = jax.jit(lambda state, arrays: metaopt.unroll(step, None, state, None, length=steps))
   compiled = run.lower(state, arrays).compile()

@@ -36,7 +36,7 @@ from metaopt import report
 from metaopt.experiments import lr_schedule
 from metaopt.experiments.protocol import (Result, curve_rows, finish, lr_curve, lr_stability,
                                           plot_method_curves, seed_keys, train_and_record)
-from metaopt.meta.lr import MetaLRConfig, learned_lr_tx, meta_train
+from metaopt.meta.lr import MetaLRConfig, config_of_saved, learned_lr_tx, meta_train
 from metaopt.meta.rl import RLConfig, train_rl
 from metaopt.meta.supervised import SupervisedConfig, train_supervised
 from metaopt.schedules import learned_lr, scale_by_learned_lr
@@ -133,8 +133,7 @@ def meta_train_all(config: Config, out, *, progress: bool) -> tuple[dict, dict]:
   ``make_tx(total_steps, epoch_steps)`` and ``compute[name]`` is its meta-training cost."""
   methods, compute = {}, {}
   shipped = learned_lr.load_controller()
-  shipped_cfg = dataclasses.replace(config.pes, hidden=tuple(shipped.controller.hidden),
-                                    learning_rate=shipped.learning_rate, **shipped.settings)
+  shipped_cfg = config_of_saved(config.pes, shipped)
   methods["tbptt"] = lambda steps, every, s=shipped, c=shipped_cfg: learned_lr_tx(
       s.controller, s.theta, c, steps)
   compute["tbptt"] = _shipped_compute()

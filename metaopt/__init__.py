@@ -13,6 +13,7 @@ from metaopt.meta import (MAML, MAMLState, MetaLRConfig, MetaTrainResult, RLConf
                           pretrain, rl_adam, scale_by_rl_lr, train_rl, train_supervised)
 from metaopt.schedules import (
     FEATURE_NAMES,
+    NORM_FEATURES,
     LearnedLRSchedule,
     LearnedLRState,
     LRController,
@@ -43,7 +44,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "unroll", "InnerProblem", "estimators", "Estimate", "tbptt", "full", "first_order",
-    "FEATURE_NAMES", "LRController", "init_controller", "scale_by_learned_lr",
+    "FEATURE_NAMES", "NORM_FEATURES", "LRController", "init_controller", "scale_by_learned_lr",
     "LearnedLRSchedule", "LearnedLRState", "pretrained_lr", "save_controller",
     "load_controller", "SavedController", "with_theta", "current_lr", "direction_norm",
     "LSTMController", "make_controller", "controller_memory",

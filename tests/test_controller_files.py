@@ -100,11 +100,48 @@ def test_a_meta_training_result_saves_what_deploys_it(tmp_path):
   family = metaopt.meta.lr.task_family(datasets=("iris",), widths=(4,), depths=(1,),
                                        batch_sizes=(16,), total_steps=(20,))
   config = metaopt.MetaLRConfig(family=family, meta_steps=1, lanes=1, population=1,
-                                segment_length=10, hidden=(4,), min_lr_factor=0.05)
+                                segment_length=10, hidden=(4,), min_lr_factor=0.05,
+                                features=("log_lr_vs_base", "fraction_done"))
   result = metaopt.meta_train(config, progress=False)
   result.save(tmp_path)
   loaded = metaopt.load_controller(tmp_path)
   assert loaded.settings["min_lr_factor"] == 0.05 and loaded.info["meta_steps"] == 1
+  assert loaded.features == ("log_lr_vs_base", "fraction_done")
   jax.tree.map(np.testing.assert_array_equal, result.theta, loaded.theta)
   tx = optax.chain(optax.scale_by_adam(), metaopt.pretrained_lr(tmp_path, total_steps=20))
   assert tx.init({"w": np.zeros(2, np.float32)})
+
+
+def test_a_feature_subset_travels_with_the_weights_and_needs_version_2(tmp_path):
+  features = ("fraction_done", "log_loss_vs_initial", "log_lr_vs_base")
+  theta = jax.tree.map(lambda x: x + 0.5, metaopt.init_controller(jax.random.key(1), CONTROLLER,
+                                                                  features))
+  metaopt.save_controller(tmp_path, theta, settings=SETTINGS, hidden=(4,), learning_rate=3e-3,
+                          features=features)
+  config = json.loads((tmp_path / learned_lr.CONFIG_FILE).read_text())
+  assert config["version"] == 2 and config["features"] == list(features)
+  loaded = metaopt.load_controller(tmp_path)
+  assert loaded.features == features
+  from_file = metaopt.pretrained_lr(tmp_path, total_steps=50)
+  by_hand = metaopt.scale_by_learned_lr(CONTROLLER, theta, learning_rate=3e-3, total_steps=50,
+                                        features=features, **SETTINGS)
+  params, grads = {"w": np.ones(3, np.float32)}, {"w": np.full(3, 0.5, np.float32)}
+  lrs = {}
+  for name, tx in (("file", from_file), ("hand", by_hand)):
+    state = tx.init(params)
+    for i in range(5):
+      _, state = tx.update(grads, state, params, value=np.float32(1.0 / (i + 1)))
+    lrs[name] = float(metaopt.current_lr(state))
+  assert lrs["file"] == lrs["hand"] != 3e-3
+  # A version-1 file promises every feature; an unknown name is refused.
+  config["version"] = 1
+  (tmp_path / learned_lr.CONFIG_FILE).write_text(json.dumps(config))
+  with pytest.raises(ValueError, match="was trained on features"):
+    metaopt.load_controller(tmp_path)
+  config.update(version=2, features=["fraction_done", "mystery", "log_lr_vs_base"])
+  (tmp_path / learned_lr.CONFIG_FILE).write_text(json.dumps(config))
+  with pytest.raises(ValueError, match="was trained on features"):
+    metaopt.load_controller(tmp_path)
+  with pytest.raises(ValueError, match="does not match LRController.*on 12 features"):
+    metaopt.save_controller(tmp_path / "c", theta, hidden=(4,))
+  assert not (tmp_path / "c").exists()

@@ -242,3 +242,64 @@ def test_update_without_loss_raises():
   tx = learned()
   with pytest.raises(ValueError, match="value=loss"):
     tx.update(PARAMS, tx.init(PARAMS), PARAMS)
+
+
+NO_NORM = tuple(f for f in metaopt.FEATURE_NAMES if f not in metaopt.NORM_FEATURES)
+
+
+def test_a_controller_on_a_feature_subset_is_the_full_one_with_those_inputs_ignored():
+  """A controller reading the features without the update norm gives the LRs of the full
+  controller whose first-layer weights on the norm features are zero, and never computes
+  the norm (its state keeps 0)."""
+  full = random_theta()
+  keep = np.array([metaopt.FEATURE_NAMES.index(f) for f in NO_NORM])
+  dropped = [metaopt.FEATURE_NAMES.index(f) for f in metaopt.NORM_FEATURES]
+  kernel = full["Dense_0"]["kernel"]
+  full = {**full, "Dense_0": {**full["Dense_0"], "kernel": kernel.at[np.array(dropped)].set(0.0)}}
+  subset = {**full, "Dense_0": {**full["Dense_0"], "kernel": kernel[keep]}}
+  assert metaopt.init_controller(jax.random.key(0), CONTROLLER, NO_NORM)["Dense_0"][
+      "kernel"].shape == (len(NO_NORM), 8)
+  _, _, lrs_full = run(learned(full))
+  _, state, lrs_subset = run(learned(subset, features=NO_NORM))
+  np.testing.assert_allclose(lrs_subset, lrs_full, rtol=1e-6)
+  assert float(jnp.ptp(lrs_subset)) > 1e-4  # the LR moved
+  assert float(state[1].features.last_norm) == 0.0
+  _, full_state, _ = run(learned(full))
+  assert float(full_state[1].features.last_norm) > 0.0
+
+
+def test_feature_order_is_the_controllers_input_order():
+  theta = metaopt.init_controller(jax.random.key(0), CONTROLLER, ("fraction_done",
+                                                                  "log_loss_vs_initial"))
+  theta = jax.tree.map(lambda x: x + 0.3, theta)
+  # The same weights on the swapped inputs: a different controller.
+  _, _, forward = run(learned(theta, features=("fraction_done", "log_loss_vs_initial")))
+  _, _, swapped = run(learned(theta, features=("log_loss_vs_initial", "fraction_done")))
+  assert not np.allclose(forward, swapped)
+
+
+def test_a_schedule_on_a_subset_without_the_norm_needs_no_grad_norm():
+  theta = random_theta()
+  theta = {**theta, "Dense_0": {**theta["Dense_0"],
+                                "kernel": theta["Dense_0"]["kernel"][:len(NO_NORM)]}}
+  sched = metaopt.LearnedLRSchedule(CONTROLLER, theta, learning_rate=1e-2, total_steps=50,
+                                    features=NO_NORM)
+  tx = optax.inject_hyperparams(optax.adam)(learning_rate=sched)
+  _, _, lrs = run(tx)  # value= only
+  _, _, chained = run(learned(theta, features=NO_NORM))
+  np.testing.assert_allclose(lrs, chained, rtol=1e-6)
+
+
+@pytest.mark.parametrize("features, match", [
+    (("fraction_done", "step_size"), "unknown feature 'step_size'; accepted: fraction_done"),
+    (("fraction_done", "fraction_done"), "each once"),
+    ((), "at least one feature"),
+    ("fraction_done", "must be a list of names"),
+])
+def test_bad_feature_lists_are_named(features, match):
+  with pytest.raises(ValueError, match=f"scale_by_learned_lr: .*{match}"):
+    metaopt.scale_by_learned_lr(CONTROLLER, random_theta(), learning_rate=1e-2,
+                                total_steps=50, features=features)
+  with pytest.raises(ValueError, match=f"MetaLRConfig: .*{match}"):
+    metaopt.MetaLRConfig(family=metaopt.meta.lr.task_family(datasets=("iris",)),
+                         features=features)

@@ -127,8 +127,10 @@ CASES = {
         metaopt.scale_by_learned_lr, dict(learning_rate=0.02, total_steps=STEPS),
         args=(CONTROLLER, THETA), chain_after=adam_direction, lr_name="learning_rate",
         static=("controller",)),
+    # The shipped controller ends its runs at ~0.2x its base LR: from 0.02 the parabola
+    # is not within TOL after STEPS steps (it is after 6,000).
     "pretrained_lr": Case(
-        metaopt.pretrained_lr, dict(learning_rate=0.02, total_steps=STEPS),
+        metaopt.pretrained_lr, dict(learning_rate=0.05, total_steps=STEPS),
         chain_after=adam_direction, lr_name="learning_rate"),
     "learned_lr_schedule": Case(
         learned_lr_schedule, dict(learning_rate=0.02, total_steps=STEPS), args=(CONTROLLER, THETA),

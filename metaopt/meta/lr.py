@@ -31,7 +31,8 @@ from metaopt import estimators
 from metaopt.schedules import (CONTROLLERS, BaseOptimizer, LRController, current_lr,
                                init_controller, make_controller, save_controller,
                                scale_by_learned_lr, with_theta)
-from metaopt.schedules.learned_lr import DEFAULT_SETTINGS
+from metaopt.schedules.learned_lr import (DEFAULT_SETTINGS, FEATURE_NAMES, check_features,
+                                         controller_kind)
 from metaopt.tasks import TaskFamily, make_task, task_family
 from metaopt.sharding import Sharding, abstract, population_map, replicate, resolve
 from metaopt.train import run_loop
@@ -66,6 +67,7 @@ class MetaLRConfig:
   controller: str = "mlp"        # "mlp" (LRController) or "lstm" (LSTMController), widths `hidden`
   update_every: int = 1          # the controller decides once per this many inner steps
   optimizer: BaseOptimizer = BaseOptimizer()  # the directions the controller's LR scales
+  features: tuple[str, ...] = FEATURE_NAMES  # what the controller reads (learned_lr.FEATURE_NAMES)
 
   def __post_init__(self):
     for name in ("lanes", "population", "segment_length", "meta_steps", "checkpoint_every",
@@ -86,6 +88,7 @@ class MetaLRConfig:
     task_family(*self.family)  # names, sizes, batches that fit
     for width in self.hidden:
       check_int("hidden", width)
+    object.__setattr__(self, "features", check_features(self.features, "MetaLRConfig"))
     bad = [s for s in self.family.total_steps if s % self.segment_length]
     if bad:
       raise ValueError(f"training lengths {bad} are not multiples of "
@@ -98,6 +101,16 @@ class MetaLRConfig:
     return dict(min_lr_factor=self.min_lr_factor, max_lr_factor=self.max_lr_factor,
                 max_log_change=self.max_log_change, response_time=self.response_time,
                 min_response_steps=self.min_response_steps)
+
+
+def config_of_saved(config: MetaLRConfig, saved) -> MetaLRConfig:
+  """``config`` with what a saved controller (:func:`metaopt.load_controller`) was trained
+  with: network kind and widths, LR, settings, update interval and features; its
+  :func:`learned_lr_tx` then runs that controller as deployed."""
+  return dataclasses.replace(config, hidden=tuple(saved.controller.hidden),
+                             controller=controller_kind(saved.controller),
+                             learning_rate=saved.learning_rate, **saved.settings,
+                             update_every=saved.update_every, features=saved.features)
 
 
 class InnerState(NamedTuple):
@@ -115,7 +128,7 @@ def learned_lr_tx(controller, theta, config: MetaLRConfig, total_steps):
       config.optimizer.direction(eps_root=1e-8),
       scale_by_learned_lr(controller, theta, learning_rate=config.learning_rate,
                           total_steps=total_steps, update_every=config.update_every,
-                          **config.settings))
+                          features=config.features, **config.settings))
 
 
 def lr_problem(task, arrays: dict, controller, config: MetaLRConfig, total_steps,
@@ -201,7 +214,7 @@ class MetaTrainResult(NamedTuple):
     return save_controller(path, self.theta, settings=self.config.settings,
                            hidden=self.config.hidden, learning_rate=self.config.learning_rate,
                            kind=self.config.controller, update_every=self.config.update_every,
-                           info={"meta_steps": self.config.meta_steps, "seed": self.config.seed,
+                           features=self.config.features, info={"meta_steps": self.config.meta_steps, "seed": self.config.seed,
                                  **(info or {})})
 
 
@@ -339,7 +352,8 @@ class MetaTrainer:
 
   def initial(self) -> tuple[PyTree, dict]:
     """The loop's state and record at meta step 0."""
-    theta = init_controller(jax.random.fold_in(self.root, 0), self.controller)
+    theta = init_controller(jax.random.fold_in(self.root, 0), self.controller,
+                            self.config.features)
     lanes = [self._start_lane(theta, i, 0) for i in range(self.config.lanes)]
     record = {"lanes": [{"round": 0, "t": 0} for _ in range(self.config.lanes)],
               "skipped_members": 0, "skipped_steps": 0}
@@ -350,7 +364,8 @@ class MetaTrainer:
 
   def target(self, record: dict) -> PyTree:
     """Abstract loop state for the lanes recorded in ``record`` (restores checkpoints)."""
-    theta = init_controller(jax.random.fold_in(self.root, 0), self.controller)
+    theta = init_controller(jax.random.fold_in(self.root, 0), self.controller,
+                            self.config.features)
     states = []
     for i, lane in enumerate(record["lanes"]):
       task = self._task(i, lane["round"])

@@ -16,6 +16,7 @@ from metaopt.schedules.hypergradient import (
 from metaopt.schedules.learned_lr import (
     CONTROLLERS,
     FEATURE_NAMES,
+    NORM_FEATURES,
     LearnedLRSchedule,
     LearnedLRState,
     LRController,
@@ -35,7 +36,7 @@ from metaopt.schedules.learned_lr import (
 from metaopt.schedules.plateau import EarlyStoppingState, PlateauState, early_stopping, plateau_lr
 
 __all__ = [
-    "FEATURE_NAMES", "LRController", "SavedController", "direction_norm", "LearnedLRSchedule", "LearnedLRState", "init_controller",
+    "FEATURE_NAMES", "NORM_FEATURES", "LRController", "SavedController", "direction_norm", "LearnedLRSchedule", "LearnedLRState", "init_controller",
     "load_controller", "pretrained_lr", "save_controller", "scale_by_learned_lr", "with_theta",
     "CONTROLLERS", "LSTMController", "apply_controller", "controller_memory", "make_controller",
     "HypergradientAdamState", "HypergradientAdamVariantState", "HypergradientState", "hypergradient_adam", "hypergradient_lr",

@@ -54,6 +54,10 @@ FEATURE_NAMES = (
     "log_val_vs_train",       # log(val loss / train-loss EMA): generalization gap
 )
 NUM_FEATURES = len(FEATURE_NAMES)
+# The features that need the norm of the update direction: a reduction over every
+# parameter at each step, which on XLA:CPU costs about as much as half of Adam's update
+# pass (docs/benchmarks.md). A controller that reads neither skips it.
+NORM_FEATURES = ("log_norm_vs_initial", "log_norm_vs_ema")
 # The bounds and response of the LR, shared by meta-training (MetaLRConfig) and
 # deployment: a controller runs with the settings it was trained with.
 DEFAULT_SETTINGS = dict(min_lr_factor=1e-2, max_lr_factor=10.0, max_log_change=0.25,
@@ -143,12 +147,35 @@ def apply_controller(controller, theta: PyTree, features: jax.Array,
   return _controller_apply(controller)(theta, features, memory)
 
 
-def init_controller(key: jax.Array, controller: nn.Module = LRController()) -> PyTree:
-  """Fresh controller weights ``theta`` (an untrained controller keeps base_lr)."""
+def check_features(features: Optional[Sequence[str]], caller: str = "features"
+                   ) -> tuple[str, ...]:
+  """``features`` as a tuple of names from :data:`FEATURE_NAMES` (``None``: all of them);
+  a ValueError naming an unknown or repeated name."""
+  if features is None:
+    return FEATURE_NAMES
+  if isinstance(features, str) or not all(isinstance(f, str) for f in features):
+    raise ValueError(f"{caller}: features must be a list of names from "
+                     f"{', '.join(FEATURE_NAMES)}, got {features!r}")
+  features = tuple(features)
+  unknown = [f for f in features if f not in FEATURE_NAMES]
+  if unknown:
+    raise ValueError(f"{caller}: unknown feature {unknown[0]!r}; accepted: "
+                     f"{', '.join(FEATURE_NAMES)}")
+  repeated = sorted({f for f in features if features.count(f) > 1})
+  if repeated or not features:
+    raise ValueError(f"{caller}: features must name at least one feature, each once, "
+                     f"got {list(features)}")
+  return features
+
+
+def init_controller(key: jax.Array, controller: nn.Module = LRController(),
+                    features: Optional[Sequence[str]] = None) -> PyTree:
+  """Fresh controller weights ``theta`` for a controller reading ``features`` (names from
+  :data:`FEATURE_NAMES`, default all); an untrained controller keeps base_lr."""
+  inputs = jnp.zeros((len(check_features(features, "init_controller")),))
   if is_recurrent(controller):
-    return controller.init(key, jnp.zeros((NUM_FEATURES,)),
-                           controller_memory(controller))["params"]
-  return controller.init(key, jnp.zeros((NUM_FEATURES,)))["params"]
+    return controller.init(key, inputs, controller_memory(controller))["params"]
+  return controller.init(key, inputs)["params"]
 
 
 class LRFeatureState(NamedTuple):
@@ -188,6 +215,13 @@ class ControllerSpec(NamedTuple):
   response_time: Union[float, jax.Array]   # time to follow the target, in total_steps
   min_response_steps: Union[float, jax.Array]
   update_every: int = 1  # the controller decides once per this many steps (a Python int)
+  features: Optional[tuple[int, ...]] = None  # indices into FEATURE_NAMES it reads; None: all
+
+  @property
+  def reads_norm(self) -> bool:
+    """Whether the controller reads a feature of the update norm."""
+    return self.features is None or any(FEATURE_NAMES[i] in NORM_FEATURES
+                                         for i in self.features)
 
 
 def _controller_apply(controller) -> Callable[[PyTree, jax.Array, PyTree],
@@ -203,17 +237,21 @@ def _controller_apply(controller) -> Callable[[PyTree, jax.Array, PyTree],
 
 
 def _spec(controller, *, base_lr, min_lr_factor, max_lr_factor, max_log_change,
-          response_time, min_response_steps, caller: str, update_every: int = 1):
+          response_time, min_response_steps, caller: str, update_every: int = 1,
+          features: Optional[Sequence[str]] = None):
   """Concrete settings are checked and kept as Python floats (so float32 runs are
   bit for bit what they were); traced ones are taken as float32 arrays. Errors
   name ``caller``, the function the user called."""
   try:
-    return _checked_spec(controller, base_lr=base_lr, min_lr_factor=min_lr_factor,
+    spec = _checked_spec(controller, base_lr=base_lr, min_lr_factor=min_lr_factor,
                          max_lr_factor=max_lr_factor, max_log_change=max_log_change,
                          response_time=response_time, min_response_steps=min_response_steps,
                          update_every=update_every)
   except ValueError as e:
     raise ValueError(f"{caller}: {e}") from None
+  names = check_features(features, caller)
+  return spec._replace(features=None if names == FEATURE_NAMES
+                       else tuple(FEATURE_NAMES.index(f) for f in names))
 
 
 def _checked_spec(controller, *, base_lr, min_lr_factor, max_lr_factor, max_log_change,
@@ -369,6 +407,8 @@ def advance(state: LearnedLRState, spec: ControllerSpec, *, loss, norm=None,
   ok = jnp.isfinite(loss)
   safe_loss = jnp.where(ok, loss, 1.0)
   features, new_f = controller_features(state, spec, safe_loss, norm, val_loss)
+  if spec.features is not None:
+    features = features[np.asarray(spec.features)]
   raw, memory = spec.apply(state.theta, features, state.memory)
   raw = jnp.asarray(raw, jnp.float32).reshape(())
   target = _bounded(_finite_or(raw, 0.0), spec.log_min, spec.log_max)
@@ -420,6 +460,7 @@ def scale_by_learned_lr(
     min_response_steps: float = DEFAULT_SETTINGS["min_response_steps"],
     base_lr: Optional[float] = None,
     update_every: Optional[int] = None,
+    features: Optional[Sequence[str]] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Scales updates by ``-lr``, with ``lr`` chosen each step by a learned controller.
 
@@ -446,6 +487,9 @@ def scale_by_learned_lr(
     update_every: the controller decides once per this many steps (``None`` or 1:
       every step; the number of steps per epoch: once per epoch) and the LR is held in
       between. A Python int >= 1 (in ``static_args`` of ``optax.inject_hyperparams``).
+    features: the names from :data:`FEATURE_NAMES` the controller reads, in its input
+      order (``None``: all). Without the :data:`NORM_FEATURES` the transform skips the
+      norm of the update, a pass over every parameter at each step.
 
   ``update`` takes the training loss as keyword ``value`` (required: without it
   the update raises) and an optional ``val_loss``; other extra args are ignored.
@@ -458,7 +502,8 @@ def scale_by_learned_lr(
                      min_lr_factor=min_lr_factor, max_lr_factor=max_lr_factor,
                      max_log_change=max_log_change, response_time=response_time,
                      min_response_steps=min_response_steps, caller="scale_by_learned_lr",
-                     update_every=1 if update_every is None else update_every)
+                     update_every=1 if update_every is None else update_every,
+                     features=features)
 
 
 def _learned_lr(controller, theta, *, learning_rate, total_steps, caller: str,
@@ -478,18 +523,24 @@ def _learned_lr(controller, theta, *, learning_rate, total_steps, caller: str,
     del params, extra_args
     loss = _training_loss(value, caller)
     check_float_updates(updates, caller)
+    if not spec.reads_norm:
+      state = advance(state, spec, loss=loss, val_loss=val_loss)
+      return scale_by_lr(updates, state.learning_rate), state
     # The norm feature uses the previous step's update: this step's norm then
-    # needs no pass over the parameters before the scaling, and fuses with it.
+    # needs no pass over the parameters before the scaling.
     state = advance(state, spec, loss=loss, norm=state.features.last_norm,
                     val_loss=val_loss)
-    # float32 whatever the updates' dtype, so the state's types never change;
-    # half-precision updates are summed in float32 (their squares overflow float16).
-    wide = jax.tree.map(lambda u: u.astype(jnp.promote_types(u.dtype, jnp.float32)), updates)
-    norm = optax.tree.norm(wide).astype(jnp.float32)
-    features = state.features._replace(last_norm=norm)
+    features = state.features._replace(last_norm=_update_norm(updates))
     return scale_by_lr(updates, state.learning_rate), state._replace(features=features)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _update_norm(updates: PyTree) -> jax.Array:
+  """The float32 norm of ``updates``; half-precision leaves are summed in float32 (their
+  squares overflow float16), so the state's types never change."""
+  wide = jax.tree.map(lambda u: u.astype(jnp.promote_types(u.dtype, jnp.float32)), updates)
+  return optax.tree.norm(wide).astype(jnp.float32)
 
 
 def _check_total_steps(total_steps, caller: str) -> None:
@@ -511,7 +562,8 @@ class LearnedLRSchedule(optax.schedules.StatefulSchedule):
     :func:`scale_by_learned_lr` tracks itself but a schedule cannot see:
     ``metaopt.direction_norm(updates, opt_state)`` after each update (``0.0`` at
     the first step). With it, the LRs equal those of ``optax.chain(direction,
-    scale_by_learned_lr(...))`` on the same run.
+    scale_by_learned_lr(...))`` on the same run. A controller whose ``features``
+    leave out the :data:`NORM_FEATURES` does not need it (and ignores it).
 
   ``val_loss`` is optional. :meth:`from_file` builds one from a saved controller.
   """
@@ -523,7 +575,8 @@ class LearnedLRSchedule(optax.schedules.StatefulSchedule):
                max_log_change: float = DEFAULT_SETTINGS["max_log_change"],
                response_time: float = DEFAULT_SETTINGS["response_time"],
                min_response_steps: float = DEFAULT_SETTINGS["min_response_steps"],
-               base_lr: Optional[float] = None, update_every: Optional[int] = None):
+               base_lr: Optional[float] = None, update_every: Optional[int] = None,
+               features: Optional[Sequence[str]] = None):
     name = "LearnedLRSchedule"
     learning_rate = renamed(name, "learning_rate", learning_rate, "base_lr", base_lr)
     required(name, "learning_rate", learning_rate, "the LR an untrained controller keeps")
@@ -531,7 +584,8 @@ class LearnedLRSchedule(optax.schedules.StatefulSchedule):
     self.spec = _spec(controller, base_lr=learning_rate, min_lr_factor=min_lr_factor,
                       max_lr_factor=max_lr_factor, max_log_change=max_log_change,
                       response_time=response_time, min_response_steps=min_response_steps,
-                      caller=name, update_every=1 if update_every is None else update_every)
+                      caller=name, update_every=1 if update_every is None else update_every,
+                      features=features)
     _check_total_steps(total_steps, name)
     self.theta = theta
     self.total_steps = total_steps
@@ -545,7 +599,7 @@ class LearnedLRSchedule(optax.schedules.StatefulSchedule):
     saved = load_controller(path)
     return cls(saved.controller, saved.theta, total_steps=total_steps,
                learning_rate=saved.learning_rate if learning_rate is None else learning_rate,
-               update_every=saved.update_every, **saved.settings)
+               update_every=saved.update_every, features=saved.features, **saved.settings)
 
   def init(self) -> LearnedLRState:
     return init_lr_state(self.theta, base_lr=self.spec.base_lr,
@@ -555,6 +609,8 @@ class LearnedLRSchedule(optax.schedules.StatefulSchedule):
              grad_norm=None, **extra_args) -> LearnedLRState:
     del extra_args
     loss = _training_loss(value, "LearnedLRSchedule")
+    if not self.spec.reads_norm:
+      return advance(state, self.spec, loss=loss, val_loss=val_loss)
     if grad_norm is None:
       raise ValueError(
           "LearnedLRSchedule needs grad_norm= at every step: the norm of the previous "
@@ -575,8 +631,7 @@ def direction_norm(updates: PyTree, opt_state: PyTree) -> jax.Array:
   """The norm of the update direction of the step that produced ``updates`` (their norm
   over the LR applied, ``metaopt.current_lr(opt_state)``): the ``grad_norm`` a
   :class:`LearnedLRSchedule` reads at the next step."""
-  wide = jax.tree.map(lambda u: u.astype(jnp.promote_types(u.dtype, jnp.float32)), updates)
-  return (optax.tree.norm(wide) / current_lr(opt_state)).astype(jnp.float32)
+  return _update_norm(updates) / current_lr(opt_state)
 
 
 def with_theta(opt_state: PyTree, theta: PyTree) -> PyTree:
@@ -593,8 +648,9 @@ WEIGHTS_FILE = "lr_controller.msgpack"
 CONFIG_FILE = "lr_controller.json"
 PRETRAINED_WEIGHTS = PRETRAINED_DIR / WEIGHTS_FILE
 FILE_FORMAT = "metaopt-lr-controller"
-# Version 2 adds "kind" ("mlp" | "lstm") and "update_every"; an MLP deciding every step
-# is still written as version 1, byte for byte as before, so older metaopt reads it.
+# Version 2 adds "kind" ("mlp" | "lstm") and "update_every", and allows "features" to
+# be a subset of FEATURE_NAMES; an MLP deciding every step on every feature is still
+# written as version 1, byte for byte as before, so older metaopt reads it.
 FILE_VERSION = 2
 
 
@@ -606,6 +662,7 @@ class SavedController(NamedTuple):
   learning_rate: float   # the LR it was trained at (what an untrained controller keeps)
   info: dict             # anything else recorded with it (command, meta steps, seed)
   update_every: int = 1  # the controller decides once per this many steps
+  features: tuple[str, ...] = FEATURE_NAMES  # what it reads, in its input order
 
 
 def _checked_settings(settings: Optional[dict], where: str) -> dict:
@@ -619,21 +676,24 @@ def _checked_settings(settings: Optional[dict], where: str) -> dict:
   return {k: float(settings[k]) for k in SETTINGS}
 
 
-def _template(controller: nn.Module) -> PyTree:
+def _template(controller: nn.Module, features: Sequence[str] = FEATURE_NAMES) -> PyTree:
   """The shapes and dtypes of ``controller``'s weights, without computing them."""
-  return jax.eval_shape(lambda key: init_controller(key, controller), jax.random.key(0))
+  return jax.eval_shape(lambda key: init_controller(key, controller, features),
+                        jax.random.key(0))
 
 
 def save_controller(path: Union[str, pathlib.Path], theta: PyTree, *,
                     settings: Optional[dict] = None, hidden: Sequence[int] = (32, 32),
                     learning_rate: float = 1e-3, info: Optional[dict] = None,
-                    kind: str = "mlp", update_every: int = 1) -> pathlib.Path:
+                    kind: str = "mlp", update_every: int = 1,
+                    features: Optional[Sequence[str]] = None) -> pathlib.Path:
   """Writes a controller to the folder ``path``: weights ``theta`` of
   ``make_controller(kind, hidden)`` (``kind`` ``"mlp"``: an ``LRController``, ``"lstm"``:
-  an ``LSTMController``), and the ``settings`` (default :data:`DEFAULT_SETTINGS`),
-  ``learning_rate`` and ``update_every`` it was trained with. Checked before anything
-  is written."""
+  an ``LSTMController``) reading ``features`` (default all of :data:`FEATURE_NAMES`), and
+  the ``settings`` (default :data:`DEFAULT_SETTINGS`), ``learning_rate`` and
+  ``update_every`` it was trained with. Checked before anything is written."""
   settings = _checked_settings(settings, "save_controller")
+  features = check_features(features, "save_controller")
   try:
     controller = make_controller(kind, hidden)
     update_every = check_int("update_every", update_every)
@@ -641,20 +701,20 @@ def save_controller(path: Union[str, pathlib.Path], theta: PyTree, *,
     raise ValueError(f"save_controller: {e}") from None
   hidden = list(controller.hidden)
   check_positive("save_controller: learning_rate", learning_rate)
-  template = _template(controller)
+  template = _template(controller, features)
   if jax.tree.structure(template) != jax.tree.structure(theta) or any(
       jnp.shape(a) != jnp.shape(b) for a, b in zip(jax.tree.leaves(template),
                                                    jax.tree.leaves(theta))):
     raise ValueError(f"save_controller: theta does not match "
-                     f"{type(controller).__name__}(hidden={hidden})")
+                     f"{type(controller).__name__}(hidden={hidden}) on {len(features)} features")
   path = pathlib.Path(path)
   path.mkdir(parents=True, exist_ok=True)
   (path / WEIGHTS_FILE).write_bytes(serialization.msgpack_serialize(jax.device_get(theta)))
   # Version 1 (no kind, no update_every) whenever it says everything: older readers load it.
-  extended = kind != "mlp" or update_every != 1
+  extended = kind != "mlp" or update_every != 1 or features != FEATURE_NAMES
   config = dict(format=FILE_FORMAT, version=FILE_VERSION if extended else 1,
                 **(dict(kind=kind, update_every=update_every) if extended else {}),
-                hidden=hidden, features=list(FEATURE_NAMES), learning_rate=float(learning_rate),
+                hidden=hidden, features=list(features), learning_rate=float(learning_rate),
                 settings=settings, info=dict(info or {}))
   (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
   return path
@@ -683,9 +743,15 @@ def load_controller(path: Union[str, pathlib.Path, None] = None) -> SavedControl
   for key in ("hidden", "features", "settings", "learning_rate"):
     if key not in config:
       raise ValueError(f"{config_path} lacks {key!r}")
-  if tuple(config["features"]) != FEATURE_NAMES:
+  features = config["features"]
+  if (not isinstance(features, list) or not set(features) <= set(FEATURE_NAMES)
+      or (config["version"] == 1 and tuple(features) != FEATURE_NAMES)):
     raise ValueError(f"controller in {path} was trained on features "
-                     f"{config['features']}, this version computes {list(FEATURE_NAMES)}")
+                     f"{features}, this version computes {list(FEATURE_NAMES)}")
+  try:
+    features = check_features(features, str(config_path))
+  except ValueError as e:
+    raise ValueError(str(e)) from None
   settings = _checked_settings(config["settings"], str(config_path))
   # Version 1 files are MLPs deciding every step.
   try:
@@ -693,8 +759,8 @@ def load_controller(path: Union[str, pathlib.Path, None] = None) -> SavedControl
     update_every = check_int("update_every", config.get("update_every", 1))
   except (ValueError, TypeError) as e:
     raise ValueError(f"{config_path}: {e}") from None
-  name = f"{type(controller).__name__}(hidden={config['hidden']})"
-  template = _template(controller)
+  name = f"{type(controller).__name__}(hidden={config['hidden']}) on {len(features)} features"
+  template = _template(controller, features)
   try:
     theta = serialization.from_state_dict(
         template, serialization.msgpack_restore(weights.read_bytes()))
@@ -707,7 +773,7 @@ def load_controller(path: Union[str, pathlib.Path, None] = None) -> SavedControl
       raise ValueError(f"{weights} holds an array of shape {b.shape} where "
                        f"{name} has {a.shape}")
   return SavedController(controller, theta, settings, float(config["learning_rate"]),
-                         dict(config.get("info", {})), update_every)
+                         dict(config.get("info", {})), update_every, features)
 
 
 def pretrained_lr(path: Union[str, pathlib.Path, None] = None, *,
@@ -740,4 +806,4 @@ def pretrained_lr(path: Union[str, pathlib.Path, None] = None, *,
       saved.controller, saved.theta, total_steps=total_steps,
       learning_rate=saved.learning_rate if learning_rate is None else learning_rate,
       update_every=saved.update_every if update_every is None else update_every,
-      caller="pretrained_lr", **settings)
+      features=saved.features, caller="pretrained_lr", **settings)
