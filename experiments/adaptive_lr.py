@@ -216,7 +216,7 @@ def method_txs(config: Config, steps: int) -> dict:
         without_extra_args(learned_lr.pretrained_lr(learning_rate=lr, total_steps=steps), "val_loss"),
         stop())
   for name in config.self_tuning:  # one run each, no tuning; they stop early like the others
-    txs[name] = lambda _, n=name: optax.chain(self_tuning(n), stop())
+    txs[name] = lambda _, n=name: optax.chain(self_tuning(n, steps), stop())
   return txs
 
 

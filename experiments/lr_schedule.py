@@ -173,7 +173,8 @@ def evaluate_task(config: Config, task_config: TaskConfig, thetas: dict, store=N
     res, wall = grid(make_tx, jnp.zeros(config.seeds), seeds, name)
     out[name] = dict(curves=res, lr=None, wall_time=wall, runs=config.seeds)
   for name in config.self_tuning:  # one run each, no tuning
-    res, wall = grid(lambda _, n=name: self_tuning(n), jnp.zeros(config.seeds), seeds, name)
+    res, wall = grid(lambda _, n=name: self_tuning(n, steps), jnp.zeros(config.seeds), seeds,
+                     name)
     out[name] = dict(curves=res, lr=None, wall_time=wall, runs=config.seeds)
   # Tuned cosine = the better of cosine and warmup-cosine on validation.
   variants = ("cosine", "warmup_cosine")
@@ -201,6 +202,7 @@ def _steps_to_reach(curves, target: float) -> Optional[float]:
 METHOD_ORDER = ("adam_1e-3", "constant", "step", "tuned_cosine", "learned", "pretrained",
                 *SELF_TUNING)
 SELF_TUNING_LABELS = {"schedule_free_adamw": "schedule-free AdamW", "prodigy": "Prodigy",
+                      "prodigy_linear_decay": "Prodigy, linear decay",
                       "dadapt_adamw": "D-Adaptation AdamW", "mechanic": "Mechanic (Adam)",
                       "dog": "DoG"}
 LABELS = {"adam_1e-3": "Adam 1e-3", "constant": "tuned constant", "step": "tuned step",

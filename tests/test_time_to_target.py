@@ -90,6 +90,8 @@ def test_log_lr_stability_is_scale_free_and_infinite_when_the_lr_reaches_zero():
     (lambda: protocol.validation_target("iris", []), "needs a validation split"),
     (lambda: self_tuning("adagrad_free"), "unknown self-tuning optimizer 'adagrad_free'; "
                                           "accepted: schedule_free_adamw"),
+    (lambda: self_tuning("prodigy_linear_decay"), "'prodigy_linear_decay' needs total_steps"),
+    (lambda: self_tuning("prodigy_linear_decay", 0), "total_steps must be an integer >= 1"),
 ])
 def test_bad_input_is_named(call, match):
   with pytest.raises(ValueError, match=match):
@@ -100,7 +102,7 @@ def test_every_self_tuning_baseline_trains_in_the_experiments_loop():
   """As adaptive-lr runs them: validation losses fed, early stopping chained after."""
   task = make_task(TaskConfig("iris", "mlp", 8, 1, 16, 20, 0))
   for name in SELF_TUNING:
-    make_tx = lambda _, n=name: optax.chain(self_tuning(n), early_stopping(5))
+    make_tx = lambda _, n=name: optax.chain(self_tuning(n, 20), early_stopping(5))
     res, _ = train_grid(task, make_tx, jnp.zeros(1), jax.random.PRNGKey(0)[None], steps=20,
                         eval_every=10, feed_val_loss=True)
     assert np.all(np.isfinite(res.train_loss)), name
@@ -119,3 +121,18 @@ def test_schedule_free_is_evaluated_at_its_averaged_parameters():
                              optax.contrib.schedule_free_eval_params(state, params)["w"])
   assert not np.allclose(averaged["w"], params["w"])
   assert evaluation_params(optax.adam(1e-3).init(params), params) is params
+
+
+def test_prodigy_linear_decay_is_prodigy_whose_lr_reaches_zero_at_total_steps():
+  params = {"w": jnp.array([1.0, -2.0, 3.0])}
+  decayed, plain = self_tuning("prodigy_linear_decay", 4), self_tuning("prodigy")
+  s_decayed, s_plain = decayed.init(params), plain.init(params)
+  grad = {"w": jnp.array([0.5, -1.0, 2.0])}
+  for step in range(5):
+    u_decayed, s_decayed = decayed.update(grad, s_decayed, params)
+    u_plain, s_plain = plain.update(grad, s_plain, params)
+    # Prodigy's step scales with the schedule: 1 - step / 4, then 0 from step 4 on.
+    np.testing.assert_allclose(u_decayed["w"], (1 - min(step, 4) / 4) * u_plain["w"],
+                               rtol=1e-5, atol=1e-12)
+    if step < 4:
+      assert np.all(u_decayed["w"] != 0)

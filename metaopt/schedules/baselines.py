@@ -9,19 +9,20 @@
 - The self-tuning optimizers of ``optax.contrib`` that people reach for to avoid
   tuning, at their documented defaults (never a copy): schedule-free AdamW (evaluated
   at its averaged parameters, see :func:`metaopt.schedules.evaluation_params`),
-  Prodigy, D-Adaptation AdamW, Mechanic on Adam and DoG.
+  Prodigy (also with the linear decay its docstring recommends), D-Adaptation AdamW,
+  Mechanic on Adam and DoG.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from metaopt.validation import check_choice, check_number
+from metaopt.validation import check_choice, check_int, check_number
 
 SCHEDULES = ("constant", "step", "cosine", "warmup_cosine")
 DEFAULT_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
@@ -128,18 +129,31 @@ def scheduled(names: Sequence[str], total_steps: int,
   return make_tx
 
 
-# name: a complete optimizer at optax.contrib's documented defaults.
-SELF_TUNING: dict[str, Callable[[], optax.GradientTransformation]] = {
-    "schedule_free_adamw": lambda: optax.contrib.schedule_free_adamw(),
-    "prodigy": lambda: optax.contrib.prodigy(),
-    "dadapt_adamw": lambda: optax.contrib.dadapt_adamw(),
+def _prodigy_linear_decay(total_steps: Optional[int]) -> optax.GradientTransformation:
+  """Prodigy with the schedule its docstring recommends: ``learning_rate`` decaying
+  linearly from 1.0 to 0 over the run (the recommended 0-20% warmup taken as 0%)."""
+  if total_steps is None:
+    raise ValueError("self-tuning optimizer 'prodigy_linear_decay' needs total_steps, the "
+                     "length of the run its LR decays over")
+  check_int("total_steps", total_steps)
+  return optax.contrib.prodigy(learning_rate=optax.linear_schedule(1.0, 0.0, total_steps))
+
+
+# name: factory(total_steps) of a complete optimizer from optax.contrib, at its documented
+# defaults; only prodigy_linear_decay reads total_steps.
+SELF_TUNING: dict[str, Callable[[Optional[int]], optax.GradientTransformation]] = {
+    "schedule_free_adamw": lambda _: optax.contrib.schedule_free_adamw(),
+    "prodigy": lambda _: optax.contrib.prodigy(),
+    "prodigy_linear_decay": _prodigy_linear_decay,
+    "dadapt_adamw": lambda _: optax.contrib.dadapt_adamw(),
     # Mechanic learns the scale of its base optimizer's updates: base LR 1.0, as its
     # docstring says.
-    "mechanic": lambda: optax.contrib.mechanize(optax.adam(1.0)),
-    "dog": lambda: optax.contrib.dog(),
+    "mechanic": lambda _: optax.contrib.mechanize(optax.adam(1.0)),
+    "dog": lambda _: optax.contrib.dog(),
 }
 
 
-def self_tuning(name: str) -> optax.GradientTransformation:
-  """The ``optax.contrib`` self-tuning optimizer ``name`` at its defaults."""
-  return SELF_TUNING[check_choice("self-tuning optimizer", name, SELF_TUNING)]()
+def self_tuning(name: str, total_steps: Optional[int] = None) -> optax.GradientTransformation:
+  """The ``optax.contrib`` self-tuning optimizer ``name`` at its defaults, for a run of
+  ``total_steps`` steps (needed by ``prodigy_linear_decay`` only)."""
+  return SELF_TUNING[check_choice("self-tuning optimizer", name, SELF_TUNING)](total_steps)
