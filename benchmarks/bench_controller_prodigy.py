@@ -192,6 +192,8 @@ def main():
   for name, (_, decay, changes) in variants.items():
     start = time.perf_counter()
     meta_config = dataclasses.replace(config, **changes)
+    if args.quick:  # a smoke test: every variant meta-trains briefly
+      meta_config = dataclasses.replace(meta_config, meta_steps=base.meta_steps)
     meta = meta_train_on_prodigy(meta_config, decay=decay)
     seconds = time.perf_counter() - start
     print(f"meta-trained the {name} in {seconds:.0f} s ({meta.skipped_members} inner runs "
