@@ -11,7 +11,8 @@ Prodigy with its linear decay (``prodigy_linear_decay``); Prodigy started from l
 estimates, ``estim_lr0`` in {1e-5, 1e-4}; and Prodigy with the whole schedule its docstring
 recommends, a warmup (5% or 10% of the run, within the recommended 0-20%; with
 ``safeguard_warmup=True``, which the Prodigy authors advise with a warmup) then the linear
-decay. Reported per method: the step at which the
+decay. For reference, D-Adaptation AdamW (its D estimate is traced
+the same way) and schedule-free AdamW (no estimate), at their defaults. Reported per method: the step at which the
 training loss leaves the plateau (its mean over the last 25 steps first below 0.6, against
 ln 2 = 0.693 at chance), Prodigy's D at steps 100 and 300 and at the end, and the final
 validation accuracy.
@@ -51,6 +52,10 @@ def methods(steps: int) -> dict:
       **{f"Prodigy, {100 * w:g}% warmup, linear decay": lambda _, w=w: optax.contrib.prodigy(
           learning_rate=warmup_linear_decay(w, steps), safeguard_warmup=True)
          for w in WARMUPS},
+      # The other estimate-based baseline, and the one self-tuning run that trains the
+      # held-out encoder.
+      "D-Adaptation AdamW": lambda _: self_tuning("dadapt_adamw"),
+      "schedule-free AdamW": lambda _: self_tuning("schedule_free_adamw"),
   }
 
 
