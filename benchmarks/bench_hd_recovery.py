@@ -134,6 +134,9 @@ def main():
           f"{s['mean_val']:.4f} | {s['passed']} of {s['starts']} |")
   if missing:
     print(f"not yet run (no file in {folder}): {', '.join(missing)}")
+  # mean ± std over seeds (files written before the std was recorded: the mean)
+  cell = lambda r, key: f"{r[key]:.4f}" + (f" ± {r[key + '_std']:.4f}"
+                                           if key + "_std" in r else "")
   print("\n| dataset | tuned LR | tuned test | start | " + " | ".join(rules) + " |")
   print("|---" * (4 + len(rules)) + "|")
   for dataset in all_datasets:
@@ -141,9 +144,6 @@ def main():
       mine = {r["rule"]: r for r in rows if r["dataset"] == dataset and r["start"] == f"{f:g}x"}
       if mine:
         first = next(iter(mine.values()))
-        # mean ± std over seeds (files written before the std was recorded: the mean)
-        cell = lambda r, key: f"{r[key]:.4f}" + (f" ± {r[key + '_std']:.4f}"
-                                                 if key + "_std" in r else "")
         cells = [f"{cell(mine[k], 'test')} {'pass' if mine[k]['passed'] else '**fail**'}"
                  if k in mine else "–" for k in rules]
         print(f"| {dataset} | {first['tuned_lr']:g} | {cell(first, 'tuned_test')} | {f:g}x | "
