@@ -46,7 +46,9 @@ def methods(steps: int) -> dict:
   return {
       "Adam 1e-3": lambda _: optax.adam(1e-3),
       "Prodigy": lambda _: self_tuning("prodigy"),
-      "Prodigy, linear decay": lambda _: self_tuning("prodigy_linear_decay", steps),
+      # Not self_tuning("prodigy_linear_decay"), whose traced LR is D times the decay.
+      "Prodigy, linear decay": lambda _: optax.contrib.prodigy(
+          learning_rate=optax.linear_schedule(1.0, 0.0, steps)),
       "Prodigy, estim_lr0=1e-5": lambda _: optax.contrib.prodigy(estim_lr0=1e-5),
       "Prodigy, estim_lr0=1e-4": lambda _: optax.contrib.prodigy(estim_lr0=1e-4),
       **{f"Prodigy, {100 * w:g}% warmup, linear decay": lambda _, w=w: optax.contrib.prodigy(

@@ -65,7 +65,7 @@ HELDOUT = MLP_HELDOUT + STANDIN_HELDOUT
 class Config:
   meta: MetaLRConfig
   heldout: tuple[TaskConfig, ...] = HELDOUT
-  seeds: int = 2                  # evaluation seeds per held-out task
+  seeds: int = 3                  # evaluation seeds per held-out task
   lrs: tuple[float, ...] = DEFAULT_LRS  # tuning grid of every hand schedule
   evals: int = 20                 # evaluations per training run
   include_pretrained: bool = True
@@ -129,8 +129,11 @@ HAND = ("constant", "step", "cosine", "warmup_cosine")
 
 def pretrained_optimizer(optimizer: BaseOptimizer) -> BaseOptimizer:
   """The base optimizer the shipped controller runs on: the run's when it is Adam or AdamW
-  (the directions it was meta-trained on), else plain Adam."""
-  return optimizer if optimizer.name in ("adam", "adamw") else BaseOptimizer()
+  (the directions it was meta-trained on), else plain Adam; never on Prodigy's D (its LRs
+  are absolute)."""
+  if optimizer.name not in ("adam", "adamw"):
+    return BaseOptimizer()
+  return dataclasses.replace(optimizer, step_size="constant")
 
 
 def evaluate_task(config: Config, task_config: TaskConfig, thetas: dict, store=None) -> dict:

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from metaopt import estimators
 from metaopt.meta import lr as meta_lr
 from metaopt.meta.lr import MetaLRConfig, _finite_mean, meta_train
-from metaopt.schedules import init_controller
+from metaopt.schedules import BaseOptimizer, init_controller
 from metaopt.tasks import TaskConfig, make_task, task_family
 
 FAMILY = task_family(datasets=("digits",), widths=(16,), depths=(1,), batch_sizes=(16,),
@@ -85,6 +85,52 @@ def test_non_finite_meta_gradients_are_skipped_and_counted(monkeypatch):
 def test_bad_config_raises(kw, match):
   with pytest.raises(ValueError, match=match):
     tiny(**kw)
+
+
+TABULAR = task_family(datasets=("iris",), widths=(8,), depths=(1,), batch_sizes=(8,),
+                      total_steps=(20,))
+
+
+def test_lanes_alternate_between_families_and_batches_are_masked_per_family():
+  config = tiny(lanes=3, meta_steps=1, families=(TABULAR,), segment_length=10)
+  trainer = meta_lr.MetaTrainer(config)
+  state, record = trainer.initial()
+  datasets = [trainer._task(lane, 0).config.dataset for lane in range(3)]
+  assert datasets == ["digits", "iris", "digits"]
+  # Each dataset's batches are sampled at its own families' largest batch size.
+  assert config.max_batch(trainer._task(1, 0).config) == 8
+  assert config.max_batch(trainer._task(0, 0).config) == 16
+  state, record, rows = trainer.advance(state, record, 0, 1)
+  assert len(rows) == 1 and np.isfinite(rows[0]["meta_loss"])
+
+
+def test_meta_trains_a_multiplier_of_prodigys_estimate():
+  """optimizer.step_size: the controller's LR (learning_rate=1.0 untrained) scales
+  Adam's direction times Prodigy's D and its decay; the LR recorded is the multiplier."""
+  config = tiny(meta_steps=1, lanes=1, learning_rate=1.0,
+                optimizer=BaseOptimizer(step_size="prodigy_linear_decay"))
+  result = meta_train(config, progress=False)
+  assert all(np.isfinite(h["meta_loss"]) and h["meta_grad_norm"] > 0 for h in result.history)
+  assert result.history[0]["mean_lr"] == pytest.approx(1.0, rel=0.05)
+  task = make_task(TaskConfig("digits", "mlp", 16, 1, 16, 30, 0))
+  tx = meta_lr.learned_lr_tx(result.controller, result.theta, config, 30)
+  params = task.init_variables(jax.random.PRNGKey(0))["params"]
+  state = tx.init(params)
+  grads = jax.grad(task.loss)(params, task.sample_batch(task.arrays(), jax.random.PRNGKey(1)))
+  updates, _ = tx.update(grads, state, params, value=jnp.float32(2.0))
+  # Prodigy's D starts at 1e-6: the first step is about 1e-6 times Adam's unit step.
+  largest = max(float(jnp.max(jnp.abs(u))) for u in jax.tree.leaves(updates))
+  assert 1e-8 < largest < 1e-4
+
+
+@pytest.mark.parametrize("families, match", [
+    ((FAMILY._replace(total_steps=(35,)),), r"training lengths \[35\] are not multiples"),
+    (("iris",), r"families\[0\] must be a TaskFamily .*got 'iris'"),
+    ((TABULAR._replace(datasets=("nope",)),), "unknown dataset 'nope'"),
+])
+def test_bad_families_name_the_value(families, match):
+  with pytest.raises(ValueError, match=match):
+    tiny(families=families)
 
 
 # --- es and pes ---------------------------------------------------------------------------

@@ -11,7 +11,8 @@ import optax
 import pytest
 
 from metaopt.experiments import protocol
-from metaopt.schedules import SELF_TUNING, early_stopping, evaluation_params, self_tuning
+from metaopt.schedules import (SELF_TUNING, current_lr, early_stopping, evaluation_params,
+                               self_tuning)
 from metaopt.tasks import TaskConfig, make_task
 from metaopt.train import train_grid
 
@@ -136,3 +137,9 @@ def test_prodigy_linear_decay_is_prodigy_whose_lr_reaches_zero_at_total_steps():
                                rtol=1e-5, atol=1e-12)
     if step < 4:
       assert np.all(u_decayed["w"] != 0)
+    # The LR a training loop records is the step applied: Prodigy's estimate D times
+    # the decay factor of the step just taken, not D alone.
+    estimate = s_decayed.inner_state.estim_lr
+    np.testing.assert_allclose(current_lr(s_decayed), (1 - min(step, 4) / 4) * estimate,
+                               rtol=1e-6)
+    np.testing.assert_allclose(current_lr(s_plain), s_plain.estim_lr, rtol=1e-6)

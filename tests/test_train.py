@@ -113,10 +113,45 @@ def test_base_optimizer_is_optax_own_and_its_direction_times_the_lr(optimizer):
     (dict(name="rmsprop"), "unknown optimizer 'rmsprop'; accepted: adam, adamw, sgd"),
     (dict(name="sgd", momentum=1.0), r"optimizer.momentum must be a finite number in \[0, 1\)"),
     (dict(weight_decay=-1e-4), "optimizer.weight_decay must be"),
+    (dict(step_size="dadapt"), "unknown optimizer.step_size 'dadapt'; accepted: constant, "
+                               "prodigy, prodigy_linear_decay"),
 ])
 def test_bad_base_optimizer_is_named(kwargs, match):
   with pytest.raises(ValueError, match=match):
     BaseOptimizer(**kwargs)
+
+
+@pytest.mark.parametrize("step_size", ["prodigy", "prodigy_linear_decay"])
+def test_direction_on_prodigys_estimate_is_adams_times_d_times_its_decay(step_size):
+  """Each step: Adam's direction times the D of a Prodigy run on the same gradients (and
+  its linear decay over 8 steps); the LR chained after is a multiplier of that."""
+  params = {"w": jnp.array([1.0, -2.0, 0.5])}
+  decay = step_size == "prodigy_linear_decay"
+  optimizer = BaseOptimizer(step_size=step_size)
+  tx = with_schedule("constant", 8, optimizer)(0.5)   # optimizer(0.5, total_steps=8), injected
+  adam = optax.scale_by_adam()
+  prodigy = optax.contrib.prodigy(
+      learning_rate=optax.linear_schedule(1.0, 0.0, 8) if decay else 1.0)
+  states = [tx.init(params), adam.init(params), prodigy.init(params)]
+  p = params
+  for step in range(9):
+    g = {"w": jnp.array([0.3, -0.1, 0.2]) * (step + 1)}
+    u, states[0] = tx.update(g, states[0], p)
+    direction, states[1] = adam.update(g, states[1], p)
+    _, states[2] = prodigy.update(g, states[2], p)
+    factor = (1 - min(step, 8) / 8) if decay else 1.0
+    np.testing.assert_allclose(u["w"], -0.5 * factor * states[2].estim_lr * direction["w"],
+                               rtol=1e-5)
+    p = optax.apply_updates(p, u)
+  assert float(states[2].estim_lr) > 1e-6            # D grew: the check is not trivial
+  assert metaopt.schedules.current_lr(states[0]) == pytest.approx(0.5)  # the multiplier
+  assert optimizer.label == ("Adam on Prodigy's D, linear decay" if decay
+                             else "Adam on Prodigy's D")
+
+
+def test_prodigys_decay_needs_the_run_length():
+  with pytest.raises(ValueError, match="step_size='prodigy_linear_decay' needs total_steps"):
+    BaseOptimizer(step_size="prodigy_linear_decay").direction()
 
 
 def test_the_initialization_drawn_outside_the_program_is_the_inline_one():

@@ -68,6 +68,9 @@ class MetaLRConfig:
   update_every: int = 1          # the controller decides once per this many inner steps
   optimizer: BaseOptimizer = BaseOptimizer()  # the directions the controller's LR scales
   features: tuple[str, ...] = FEATURE_NAMES  # what the controller reads (learned_lr.FEATURE_NAMES)
+  # More families, e.g. encoders beside MLPs (a family is a product of its choices):
+  # lane i draws its tasks from lane_family(i), i.e. (family, *families)[i % (1 + len)].
+  families: tuple[TaskFamily, ...] = ()
 
   def __post_init__(self):
     for name in ("lanes", "population", "segment_length", "meta_steps", "checkpoint_every",
@@ -82,17 +85,34 @@ class MetaLRConfig:
     check_seed("seed", self.seed)
     for name in ("meta_lr", "clip_norm", "learning_rate"):
       check_positive(name, getattr(self, name))
-    if not isinstance(self.family, TaskFamily):
-      raise ValueError(f"family must be a TaskFamily (metaopt.tasks.task_family), "
-                       f"got {self.family!r}")
-    task_family(*self.family)  # names, sizes, batches that fit
+    for label, family in (("family", self.family),
+                          *((f"families[{i}]", f) for i, f in enumerate(self.families))):
+      if not isinstance(family, TaskFamily):
+        raise ValueError(f"{label} must be a TaskFamily (metaopt.tasks.task_family), "
+                         f"got {family!r}")
+      task_family(*family)  # names, sizes, batches that fit
     for width in self.hidden:
       check_int("hidden", width)
     object.__setattr__(self, "features", check_features(self.features, "MetaLRConfig"))
-    bad = [s for s in self.family.total_steps if s % self.segment_length]
+    bad = sorted({s for f in self.task_families for s in f.total_steps
+                  if s % self.segment_length})
     if bad:
       raise ValueError(f"training lengths {bad} are not multiples of "
                        f"segment_length={self.segment_length}")
+
+  @property
+  def task_families(self) -> tuple[TaskFamily, ...]:
+    return (self.family, *self.families)
+
+  def lane_family(self, lane: int) -> TaskFamily:
+    """The family meta-training lane ``lane`` draws its tasks from."""
+    return self.task_families[lane % len(self.task_families)]
+
+  def max_batch(self, task_config) -> int:
+    """The largest batch size of the families with ``task_config``'s dataset: a lane's
+    batches are sampled at this size and masked down to the task's."""
+    families = [f for f in self.task_families if task_config.dataset in f.datasets]
+    return max(b for f in families or (self.family,) for b in f.batch_sizes)
 
   @property
   def settings(self) -> dict:
@@ -125,7 +145,7 @@ def learned_lr_tx(controller, theta, config: MetaLRConfig, total_steps):
   """The base optimizer's directions (Adam by default) scaled by the learned LR
   (``eps_root`` keeps meta-gradients through Adam finite)."""
   return optax.chain(
-      config.optimizer.direction(eps_root=1e-8),
+      config.optimizer.direction(eps_root=1e-8, total_steps=total_steps),
       scale_by_learned_lr(controller, theta, learning_rate=config.learning_rate,
                           total_steps=total_steps, update_every=config.update_every,
                           features=config.features, **config.settings))
@@ -135,7 +155,7 @@ def lr_problem(task, arrays: dict, controller, config: MetaLRConfig, total_steps
                batch_size=None) -> InnerProblem:
   """The inner problem: train ``task`` with the controller; meta-loss = log val loss.
 
-  With ``batch_size`` (possibly traced) each step samples the family's largest
+  With ``batch_size`` (possibly traced) each step samples its families' largest
   batch and masks it down to ``batch_size`` examples, so tasks that differ only
   in batch size share one compiled program. A stateful model (BatchNorm) carries its
   statistics in the state through the unroll and ignores ``batch_size``: it trains on
@@ -145,7 +165,7 @@ def lr_problem(task, arrays: dict, controller, config: MetaLRConfig, total_steps
   if task.stateful:
     batch_size = None
   tx = learned_lr_tx(controller, None, config, total_steps)
-  max_batch = max(config.family.batch_sizes)
+  max_batch = config.max_batch(task.config)
 
   def sample_train_batch(key):
     if batch_size is None:
@@ -333,7 +353,7 @@ class MetaTrainer:
     """The task lane ``lane`` trains in its restart ``round_`` (drawn from the seed)."""
     if self._tasks.get(lane, (None,))[0] != round_:
       key = jax.random.fold_in(jax.random.fold_in(self.root, 1000 + lane), round_)
-      self._tasks[lane] = (round_, make_task(self.config.family.sample(key)))
+      self._tasks[lane] = (round_, make_task(self.config.lane_family(lane).sample(key)))
     return self._tasks[lane][1]
 
   def _start_lane(self, theta, lane: int, round_: int) -> PyTree:
@@ -445,8 +465,9 @@ def meta_train(config: MetaLRConfig, out_dir: Optional[str] = None, *,
                progress: bool = True, stop_after: Optional[int] = None,
                sharding: Sharding = None, chunk_size: Optional[int] = None) -> MetaTrainResult:
   """Meta-trains an :class:`LRController` (``config.controller="lstm"``: an
-  :class:`~metaopt.schedules.LSTMController`) on ``config.family``, with the
-  meta-gradients of ``config.estimator`` (``"tbptt"``, ``"es"`` or ``"pes"``).
+  :class:`~metaopt.schedules.LSTMController`) on ``config.family`` (and
+  ``config.families``), with the meta-gradients of ``config.estimator`` (``"tbptt"``,
+  ``"es"`` or ``"pes"``).
 
   With ``out_dir`` it writes ``metrics.jsonl`` (one line per meta step) and
   orbax checkpoints every ``config.checkpoint_every`` steps, and resumes from

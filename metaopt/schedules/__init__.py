@@ -1,8 +1,8 @@
 """Optax transforms that set the learning rate."""
 
-from metaopt.schedules.baselines import (OPTIMIZERS, SCHEDULES, SELF_TUNING, BaseOptimizer,
-                                         adam_with_schedule, scheduled, self_tuning,
-                                         unit_schedule, with_schedule)
+from metaopt.schedules.baselines import (OPTIMIZERS, SCHEDULES, SELF_TUNING, STEP_SIZES,
+                                         BaseOptimizer, adam_with_schedule, scale_by_prodigy_estimate,
+                                         scheduled, self_tuning, unit_schedule, with_schedule)
 from metaopt.schedules.common import (current_lr, evaluation_params, has_stop_signal, scale_by_lr,
                                       should_stop)
 from metaopt.schedules.hypergradient import (
@@ -44,5 +44,6 @@ __all__ = [
     "EarlyStoppingState", "PlateauState", "early_stopping", "plateau_lr",
     "current_lr", "evaluation_params", "has_stop_signal", "scale_by_lr", "should_stop",
     "SCHEDULES", "adam_with_schedule", "unit_schedule", "SELF_TUNING", "self_tuning",
-    "OPTIMIZERS", "BaseOptimizer", "scheduled", "with_schedule",
+    "OPTIMIZERS", "BaseOptimizer", "scheduled", "with_schedule", "STEP_SIZES",
+    "scale_by_prodigy_estimate",
 ]

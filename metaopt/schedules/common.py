@@ -49,9 +49,16 @@ def _is_lr_node(node: Any) -> bool:
   return isinstance(node, _INJECT_STATES) or _lr_field(node) is not None
 
 
+def _field_values(state: PyTree, field: str) -> list:
+  """The values of every NamedTuple field ``field`` in ``state``."""
+  has = lambda x: _has_field(x, field)
+  return [getattr(s, field) for s in jax.tree.leaves(state, is_leaf=has) if has(s)]
+
+
 def current_lr(opt_state: PyTree) -> jax.Array:
   """The LR applied at the latest step, as float32: a state's ``learning_rate``
-  field, or ``optax.inject_hyperparams``' ``learning_rate``; NaN when there is none.
+  field, or ``optax.inject_hyperparams``' ``learning_rate`` (times the step-size
+  estimate of a Prodigy or D-Adaptation it wraps); NaN when there is none.
 
   Raises ValueError when the state holds more than one.
   """
@@ -59,7 +66,10 @@ def current_lr(opt_state: PyTree) -> jax.Array:
   for node in jax.tree.leaves(opt_state, is_leaf=_is_lr_node):
     if isinstance(node, _INJECT_STATES):
       if "learning_rate" in node.hyperparams:
-        found.append(node.hyperparams["learning_rate"])
+        # Around an estimating optimizer (Prodigy, D-Adaptation) the injected LR is
+        # the schedule factor on the estimate: the step applied is their product.
+        estimates = _field_values(node.inner_state, "estim_lr") or [1.0]
+        found.extend(node.hyperparams["learning_rate"] * e for e in estimates)
     elif _lr_field(node) is not None:
       found.append(getattr(node, _lr_field(node)))
   if len(found) > 1:
@@ -78,15 +88,10 @@ def evaluation_params(opt_state: PyTree, params: PyTree) -> PyTree:
   return optax.contrib.schedule_free_eval_params(free[0], params) if free else params
 
 
-def _stop_flags(state: PyTree) -> list:
-  is_stop = lambda x: _has_field(x, "stop")
-  return [s.stop for s in jax.tree.leaves(state, is_leaf=is_stop) if is_stop(s)]
-
-
 def has_stop_signal(state: PyTree) -> bool:
   """Whether ``state`` holds a transform with a ``stop`` field (``plateau_lr``,
   ``early_stopping``)."""
-  return bool(_stop_flags(state))
+  return bool(_field_values(state, "stop"))
 
 
 def should_stop(state: PyTree) -> jax.Array:
@@ -95,7 +100,7 @@ def should_stop(state: PyTree) -> jax.Array:
   ``state`` is an optimizer state or chain. Pure and jit-able; with several
   such states, true when any says stop.
   """
-  found = _stop_flags(state)
+  found = _field_values(state, "stop")
   if not found:
     raise ValueError("should_stop: the optimizer state holds no PlateauState; "
                      "build the optimizer with metaopt plateau_lr or early_stopping")
