@@ -4,10 +4,9 @@ Issue 12 asks whether a controller that learns the schedule around a parameter-f
 optimizer's step-size estimate combines the strengths of both. The variant tried here
 ("controller on Prodigy's D"): Adam's direction (``eps_root`` as in meta-training), times
 the D estimate of an ``optax.contrib.prodigy`` run on the same gradients and parameters
-(its state kept beside Adam's; its own update is discarded; D enters under
-``stop_gradient``, since Prodigy's square root has no finite derivative at a gradient
-that is always zero, e.g. MNIST's blank border pixels), times the learned controller's
-LR with ``learning_rate=1.0``: the controller sets a multiplier of D in [0.01, 10].
+(``BaseOptimizer(step_size="prodigy")``, see ``metaopt.schedules.scale_by_prodigy_estimate``),
+times the learned controller's LR with ``learning_rate=1.0``: the controller sets a
+multiplier of D in [0.01, 10].
 It is meta-trained exactly as the lr-schedule default (same family, features, meta steps
 and seed), only the base differs.
 
@@ -31,12 +30,22 @@ variants learned to shrink the step, which is what 25-step truncations teach (th
 short-horizon bias, see bench_pes.py); PES is unbiased over the whole run, so this
 separates the meta-objective's horizon from the base.
 
+The fifth variant ("..., PES, with encoders", added after the fourth): the third, with
+half its lanes meta-trained on BERT-style encoders (sentiment_synth at random dataset
+seeds, widths 16 and 64, one layer, batch 32, 300-1,200 steps; the held-out encoder is
+32x2 at dataset seed 0), the other half on the default MLP family. Prodigy overshoots on
+encoders (bench_prodigy_plateau.py), so a controller that sees them may learn to shrink
+D there. From this variant on, the validation tasks include that benchmark's two
+encoders (48x1 and 64x2 at dataset seed 1, 600 steps); earlier variants' recorded
+results are on the five tasks without them.
+
 Decision rules, each fixed before its variant first ran: the controller on Prodigy's D
 would replace the shipped controller if its mean final validation accuracy over the
 validation tasks is at least 0.5 point above the shipped controller's and not below
 Prodigy's alone (else a user is better served by Prodigy itself); the second variant if
 it is at least 0.5 point above every other single run here but its sibling: Adam 1e-3,
-the shipped controller, Prodigy and Prodigy with linear decay; the third by the same rule.
+the shipped controller, Prodigy and Prodigy with linear decay; the third, fourth and
+fifth by the same rule.
 
 ``--variants`` meta-trains and evaluates only the named variants (the four reference
 methods always run, in the same process and with the same seeds); the results go to
@@ -46,97 +55,52 @@ results/benchmarks/bench_controller_prodigy.<variants>.json.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import sys
 import time
-from typing import Optional
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import common
 from bench_controller_features import VALIDATION as MLP_VALIDATION
+from bench_prodigy_plateau import TASKS as ENCODER_VALIDATION
 from metaopt.experiments.lr_schedule import HELDOUT, default_config
 from metaopt.experiments.protocol import seed_keys
 from metaopt.meta import lr as meta_lr
-from metaopt.schedules.baselines import scheduled, self_tuning
-from metaopt.schedules.learned_lr import load_controller, scale_by_learned_lr
-from metaopt.tasks import TaskConfig, make_task
+from metaopt.schedules.baselines import BaseOptimizer, scheduled, self_tuning
+from metaopt.schedules.learned_lr import load_controller
+from metaopt.tasks import TaskConfig, make_task, task_family
 from metaopt.tasks.models import VMAPPED
 from metaopt.train import train_grid
 
 NAME = "bench_controller_prodigy"
 MARGIN = 0.005
 FIRST_VARIANT = "controller on Prodigy's D"
-# key -> (name, Prodigy's linear decay?, MetaLRConfig changes beyond the lr-schedule default)
+# Meta-training encoders: not the held-out shape (32x2) nor the validation ones.
+ENCODERS = task_family(datasets=("sentiment_synth",), models=("bert",), widths=(16, 64),
+                       depths=(1,), batch_sizes=(32,), total_steps=(300, 600, 1200))
+ON_D = BaseOptimizer(step_size="prodigy")
+ON_D_DECAY = BaseOptimizer(step_size="prodigy_linear_decay")
+# key -> (name, MetaLRConfig changes beyond the lr-schedule default and learning_rate=1.0)
 VARIANTS = {
-    "d": (FIRST_VARIANT, False, {}),
-    "d_decay": ("controller on Prodigy's D, linear decay", True, {}),
-    "d_decay_pes": ("controller on Prodigy's D, linear decay, PES", True,
-                    dict(estimator="pes", population=8)),
-    "d_decay_pes_long": ("controller on Prodigy's D, linear decay, PES x8", True,
-                         dict(estimator="pes", population=16, meta_steps=1600)),
+    "d": (FIRST_VARIANT, dict(optimizer=ON_D)),
+    "d_decay": ("controller on Prodigy's D, linear decay", dict(optimizer=ON_D_DECAY)),
+    "d_decay_pes": ("controller on Prodigy's D, linear decay, PES",
+                    dict(optimizer=ON_D_DECAY, estimator="pes", population=8)),
+    "d_decay_pes_long": ("controller on Prodigy's D, linear decay, PES x8",
+                         dict(optimizer=ON_D_DECAY, estimator="pes", population=16,
+                              meta_steps=1600)),
+    "d_decay_pes_text": ("controller on Prodigy's D, linear decay, PES, with encoders",
+                         dict(optimizer=ON_D_DECAY, estimator="pes", population=8,
+                              families=(ENCODERS,))),
 }
-VALIDATION = MLP_VALIDATION + (TaskConfig("digits_28", "resnet18", 4, 2, 32, 300, 0),)
-
-
-def scale_by_prodigy_estimate(direction: optax.GradientTransformation,
-                              total_steps: Optional[int] = None
-                              ) -> optax.GradientTransformationExtraArgs:
-  """``direction``'s updates times the D estimate of ``optax.contrib.prodigy`` run on the
-  same gradients (not differentiated); with ``total_steps``, Prodigy runs with its linear
-  decay (``prodigy_linear_decay``) and the updates are scaled by that schedule too.
-  Prodigy's state is kept as a plain tuple, so ``current_lr`` finds only the controller's
-  LR."""
-  # optax.linear_schedule(1.0, 0.0, total_steps), written out: meta-training traces
-  # total_steps (one program for every training length), which linear_schedule refuses.
-  decay = ((lambda count: 1.0) if total_steps is None else
-           lambda count: 1.0 - jnp.clip(count, 0, total_steps) / total_steps)
-  prodigy = (optax.contrib.prodigy() if total_steps is None
-             else optax.contrib.prodigy(learning_rate=decay))
-
-  def init(params):
-    return tuple(prodigy.init(params)), direction.init(params)
-
-  def update(updates, state, params=None, **extra):
-    del extra
-    previous = optax.contrib.ProdigyState(*state[0])
-    _, estimate = prodigy.update(jax.lax.stop_gradient(updates), previous,
-                                 jax.lax.stop_gradient(params))
-    d = jax.lax.stop_gradient(estimate.estim_lr * decay(previous.count))
-    out, direction_state = direction.update(updates, state[1], params)
-    return jax.tree.map(lambda u: u * d.astype(u.dtype), out), (tuple(estimate), direction_state)
-
-  return optax.GradientTransformationExtraArgs(init, update)
-
-
-def on_prodigy_tx(controller, theta, config, total_steps, *, decay: bool = False):
-  """meta_lr.learned_lr_tx with the direction scaled by Prodigy's D (and, with ``decay``,
-  by Prodigy's linear decay over ``total_steps``)."""
-  return optax.chain(
-      scale_by_prodigy_estimate(config.optimizer.direction(eps_root=1e-8),
-                                total_steps if decay else None),
-      scale_by_learned_lr(controller, theta, learning_rate=config.learning_rate,
-                          total_steps=total_steps, update_every=config.update_every,
-                          features=config.features, **config.settings))
-
-
-def meta_train_on_prodigy(config, *, decay: bool):
-  """meta_lr.meta_train with the inner optimizer built by on_prodigy_tx."""
-  original = meta_lr.learned_lr_tx
-  # lr_problem looks it up at call time
-  meta_lr.learned_lr_tx = functools.partial(on_prodigy_tx, decay=decay)
-  try:
-    return meta_lr.meta_train(config, progress=False)
-  finally:
-    meta_lr.learned_lr_tx = original
+VALIDATION = (MLP_VALIDATION + (TaskConfig("digits_28", "resnet18", 4, 2, 32, 300, 0),)
+              + ENCODER_VALIDATION)
 
 
 def methods(steps: int, shipped, trained: dict) -> dict:
   """name -> make_tx(_) for one task of ``steps`` steps; ``trained``: variant name ->
-  (controller, theta, config, decay)."""
+  (controller, theta, config)."""
   s_controller, s_theta, s_config = shipped
   constant = scheduled(("constant",), steps, s_config.optimizer)
   out = {
@@ -146,9 +110,8 @@ def methods(steps: int, shipped, trained: dict) -> dict:
       "Prodigy": lambda _: self_tuning("prodigy"),
       "Prodigy, linear decay": lambda _: self_tuning("prodigy_linear_decay", steps),
   }
-  for name, (controller, theta, config, decay) in trained.items():
-    out[name] = lambda _, c=controller, t=theta, m=config, d=decay: on_prodigy_tx(
-        c, t, m, steps, decay=d)
+  for name, (controller, theta, config) in trained.items():
+    out[name] = lambda _, c=controller, t=theta, m=config: meta_lr.learned_lr_tx(c, t, m, steps)
   return out
 
 
@@ -189,16 +152,16 @@ def main():
   config = dataclasses.replace(base, learning_rate=1.0)
   trained, record = {}, {}
   variants = {VARIANTS[k][0]: VARIANTS[k] for k in keys}
-  for name, (_, decay, changes) in variants.items():
+  for name, (_, changes) in variants.items():
     start = time.perf_counter()
     meta_config = dataclasses.replace(config, **changes)
     if args.quick:  # a smoke test: every variant meta-trains briefly
       meta_config = dataclasses.replace(meta_config, meta_steps=base.meta_steps)
-    meta = meta_train_on_prodigy(meta_config, decay=decay)
+    meta = meta_lr.meta_train(meta_config, progress=False)
     seconds = time.perf_counter() - start
     print(f"meta-trained the {name} in {seconds:.0f} s ({meta.skipped_members} inner runs "
           "dropped)", flush=True)
-    trained[name] = (meta.controller, meta.theta, meta_config, decay)
+    trained[name] = (meta.controller, meta.theta, meta_config)
     # How far meta-training moved the multiplier: the lanes' mean LR over the first and
     # the last 10% of meta steps (1.0 is the untrained controller).
     lrs = [row["mean_lr"] for row in meta.history if row["mean_lr"] is not None]
