@@ -176,12 +176,44 @@ def test_pes_resumes_exactly_with_staggered_restarts(tmp_path):
     (dict(update_every=0), "update_every must be an integer >= 1, got 0"),
     (dict(estimator="full"), "unknown estimator 'full'; accepted: tbptt, es, pes"),
     (dict(controller="gru"), "unknown controller 'gru'; accepted: mlp, lstm"),
+    (dict(meta_objective="accuracy"),
+     "unknown meta_objective 'accuracy'; accepted: log_val_loss, val_error"),
+    (dict(meta_objective="val_error"), "use estimator='es' or 'pes', got estimator='tbptt'"),
 ])
 def test_bad_estimator_settings_name_the_value(kw, match):
   with pytest.raises(ValueError, match=match):
     tiny(**kw)
 
 
+
+
+def test_val_error_meta_objective_is_the_validation_error_and_pes_follows_it():
+  config = tiny(estimator="pes", population=4, meta_objective="val_error", meta_steps=3)
+  task = make_task(TaskConfig("digits", "mlp", 16, 1, 16, 30, 0))
+  arrays = task.arrays()
+  controller = meta_lr.make_controller("mlp", config.hidden)
+  theta = init_controller(jax.random.key(0), controller)
+  problem = meta_lr.lr_problem(task, arrays, controller, config, 30)
+  state = problem.init(theta, jax.random.key(1))
+  for _ in range(5):
+    state, _ = problem.step(theta, state, None)
+  error = problem.meta_loss(theta, state, None)
+  # The same validation batch meta_loss draws, scored by the task's own metrics.
+  key = jax.random.fold_in(jax.random.fold_in(state.key, state.step), 1)
+  batch = task.sample_batch(arrays, key, split="val", batch_size=meta_lr.VAL_BATCH)
+  accuracy = task.metrics(state.params, batch["x"], batch["y"])["accuracy"]
+  np.testing.assert_allclose(float(error), 1.0 - float(accuracy), rtol=1e-6)
+  assert 0.0 < float(error) < 1.0
+  log_loss = meta_lr.lr_problem(task, arrays, controller, tiny(), 30).meta_loss(
+      theta, state, None)
+  assert float(log_loss) != float(error)  # the default objective is another number
+
+  result = meta_train(config, progress=False)
+  assert all(0.0 <= h["meta_loss"] <= 1.0 for h in result.history)
+  # Accuracy is flat under the smallest perturbations (an untrained controller moves the
+  # LR by ~1e-7 at first), so some early estimates are exactly zero, not all of them.
+  assert any(h["meta_grad_norm"] > 0 for h in result.history)
+  assert np.abs(np.asarray(result.theta["Dense_1"]["kernel"])).sum() > 0  # zero at init
 
 
 def test_batchnorm_statistics_are_carried_and_the_meta_gradient_agrees_with_differences():

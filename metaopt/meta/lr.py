@@ -6,6 +6,9 @@ length) with a vmapped population of inner runs that differ in seed. Every meta
 step advances each lane by one truncation segment and averages the TBPTT
 meta-gradients; the meta-loss is the log validation loss averaged over the
 segment's steps, which counters the short-horizon bias of judging only its end.
+With ``meta_objective="val_error"`` it is the validation error (1 - accuracy) instead:
+what the reports measure, piecewise constant in ``theta``, so only the forward
+estimators (``es``, ``pes``) can follow it.
 When a lane's run reaches its ``total_steps`` (or goes non-finite) it starts a
 new task. Everything random derives from ``seed``, so a run killed at any point
 and resumed from its orbax checkpoint ends with the same ``theta``.
@@ -41,6 +44,7 @@ from metaopt.validation import check_choice, check_int, check_positive, check_se
 
 PyTree = Any
 VAL_BATCH = 128
+META_OBJECTIVES = ("log_val_loss", "val_error")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +75,9 @@ class MetaLRConfig:
   # More families, e.g. encoders beside MLPs (a family is a product of its choices):
   # lane i draws its tasks from lane_family(i), i.e. (family, *families)[i % (1 + len)].
   families: tuple[TaskFamily, ...] = ()
+  # What each step's validation batch scores: "log_val_loss", or "val_error" (1 - accuracy,
+  # es/pes only), so a run that trades accuracy for a lower loss is not rewarded.
+  meta_objective: str = "log_val_loss"
 
   def __post_init__(self):
     for name in ("lanes", "population", "segment_length", "meta_steps", "checkpoint_every",
@@ -78,6 +85,10 @@ class MetaLRConfig:
       check_int(name, getattr(self, name))
     check_choice("estimator", self.estimator, estimators.TRUNCATED)
     check_choice("controller", self.controller, CONTROLLERS)
+    check_choice("meta_objective", self.meta_objective, META_OBJECTIVES)
+    if self.meta_objective == "val_error" and self.estimator == "tbptt":
+      raise ValueError("meta_objective='val_error' has no gradient (accuracy is piecewise "
+                       "constant in theta): use estimator='es' or 'pes', got estimator='tbptt'")
     check_positive("sigma", self.sigma)
     if self.estimator in ("es", "pes") and self.population % 2:
       raise ValueError(f"population must be even with estimator={self.estimator!r} (antithetic "
@@ -153,7 +164,8 @@ def learned_lr_tx(controller, theta, config: MetaLRConfig, total_steps):
 
 def lr_problem(task, arrays: dict, controller, config: MetaLRConfig, total_steps,
                batch_size=None) -> InnerProblem:
-  """The inner problem: train ``task`` with the controller; meta-loss = log val loss.
+  """The inner problem: train ``task`` with the controller; meta-loss = log val loss
+  (or the validation error, ``config.meta_objective``) on a fresh batch each step.
 
   With ``batch_size`` (possibly traced) each step samples its families' largest
   batch and masks it down to ``batch_size`` examples, so tasks that differ only
@@ -195,6 +207,10 @@ def lr_problem(task, arrays: dict, controller, config: MetaLRConfig, total_steps
   def meta_loss(theta, state, _):
     key = jax.random.fold_in(jax.random.fold_in(state.key, state.step), 1)
     batch = task.sample_batch(arrays, key, split="val", batch_size=VAL_BATCH)
+    if config.meta_objective == "val_error":
+      # Inference mode (a stateful model's running statistics), as evaluation scores it.
+      metrics = task.metrics(state.params, batch["x"], batch["y"], state.model_state)
+      return 1.0 - metrics["accuracy"]
     if task.stateful:  # inference mode: the running statistics
       loss = task.metrics(state.params, batch["x"], batch["y"], state.model_state)["loss"]
     else:
