@@ -57,12 +57,18 @@ meta-loss, so perturbations of sigma 0.01 (an LR about 5% off) never show PES a 
 leaves it; Prodigy's estimate overshoots the LR that trains the encoders by 1.6-6.6x
 (bench_prodigy_plateau.py), and sigma 0.1 moves the LR by up to about 1.6x.
 
+The tenth ("controller on Adam, PES, validation error, with encoders", added after the
+ninth): the seventh with half its lanes on the encoders, as the fifth. Every controller
+on Prodigy's D starts from a step that already leaves the encoders at chance, where no
+perturbation changes the meta-loss; Adam at 1e-3 trains them, so when the MLP lanes push
+its LR up, the encoder lanes' runs that get stuck should push back.
+
 Decision rules, each fixed before its variant first ran: the controller on Prodigy's D
 would replace the shipped controller if its mean final validation accuracy over the
 validation tasks is at least 0.5 point above the shipped controller's and not below
 Prodigy's alone (else a user is better served by Prodigy itself); the second variant if
 it is at least 0.5 point above every other single run here but its sibling: Adam 1e-3,
-the shipped controller, Prodigy and Prodigy with linear decay; the third to ninth by
+the shipped controller, Prodigy and Prodigy with linear decay; the third to tenth by
 the same rule.
 
 ``--variants`` meta-trains and evaluates only the named variants (the four reference
@@ -120,6 +126,9 @@ VARIANTS = {
     "adam_pes_error": ("controller on Adam, PES, validation error",
                        dict(learning_rate=1e-3, estimator="pes", population=8,
                             meta_objective="val_error")),
+    "adam_pes_error_text": ("controller on Adam, PES, validation error, with encoders",
+                            dict(learning_rate=1e-3, estimator="pes", population=8,
+                                 meta_objective="val_error", families=(ENCODERS,))),
     "d_decay_pes_error": ("controller on Prodigy's D, linear decay, PES, validation error",
                           dict(optimizer=ON_D_DECAY, estimator="pes", population=8,
                                meta_objective="val_error")),
