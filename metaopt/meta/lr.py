@@ -207,15 +207,13 @@ def lr_problem(task, arrays: dict, controller, config: MetaLRConfig, total_steps
   def meta_loss(theta, state, _):
     key = jax.random.fold_in(jax.random.fold_in(state.key, state.step), 1)
     batch = task.sample_batch(arrays, key, split="val", batch_size=VAL_BATCH)
-    if config.meta_objective == "val_error":
+    if config.meta_objective == "val_error" or task.stateful:
       # Inference mode (a stateful model's running statistics), as evaluation scores it.
       metrics = task.metrics(state.params, batch["x"], batch["y"], state.model_state)
-      return 1.0 - metrics["accuracy"]
-    if task.stateful:  # inference mode: the running statistics
-      loss = task.metrics(state.params, batch["x"], batch["y"], state.model_state)["loss"]
-    else:
-      loss = task.loss(state.params, batch)
-    return jnp.log(loss)
+      if config.meta_objective == "val_error":
+        return 1.0 - metrics["accuracy"]
+      return jnp.log(metrics["loss"])
+    return jnp.log(task.loss(state.params, batch))
 
   return InnerProblem(init=init, step=step, meta_loss=meta_loss)
 
