@@ -48,6 +48,9 @@ RULES = {"additive, beta 1e-7 (paper)": dict(beta=1e-7),
          "normalized, beta 0.1": dict(beta=0.1, normalized=True),
          "per-layer normalized, beta 0.03": dict(beta=0.03, normalized=True, per_layer=True),
          "per-layer normalized, beta 0.1": dict(beta=0.1, normalized=True, per_layer=True)}
+# Run only when named with --rule (a probe on two datasets, docs/benchmarks.md).
+PROBES = {"normalized, beta 0.3": dict(beta=0.3, normalized=True),
+          "per-layer normalized, beta 0.3": dict(beta=0.3, normalized=True, per_layer=True)}
 FACTORS = (10.0, 0.1)
 
 
@@ -56,14 +59,14 @@ def add_arguments(parser):
                       help="comma-separated datasets to run (default: all)")
   parser.add_argument("--seeds", type=int, default=None,
                       help="seeds per start and per tuning LR (default: the protocol's 3)")
-  parser.add_argument("--rule", action="append", choices=list(RULES), default=None,
+  parser.add_argument("--rule", action="append", choices=[*RULES, *PROBES], default=None,
                       help="a rule to run (repeatable; default: every rule)")
 
 
 def main():
   args = common.parse_args(__doc__.splitlines()[0], add_arguments)
   config = adaptive_lr.default_config(0)
-  rules = {name: RULES[name] for name in (args.rule or RULES)}
+  rules = {name: {**RULES, **PROBES}[name] for name in (args.rule or RULES)}
   all_datasets = ("iris", "wine") if args.quick else config.datasets
   datasets = all_datasets if args.datasets is None else tuple(
       d for d in args.datasets.split(",") if d)  # --datasets "": only rebuild the table

@@ -26,6 +26,8 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "results" / "benchmarks"
 NOISY_SPREAD = 0.10  # relative interquartile range above which a timing is flagged
+# Set by tests/test_docs.py: parse a documented command's arguments, then exit 0 unrun.
+CHECK_ARGS_ONLY = "METAOPT_BENCH_CHECK_ARGS"
 
 
 def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None):
@@ -37,6 +39,8 @@ def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None
   if extra is not None:
     extra(parser)
   args = parser.parse_args()
+  if os.environ.get(CHECK_ARGS_ONLY):
+    raise SystemExit(0)
   if args.repeats is None:
     args.repeats = 3 if args.quick else 15
   return args

@@ -3,7 +3,8 @@
 Python blocks of a page run in order in one namespace (like a notebook), in an
 empty working folder. Shell blocks: every ``metaopt run`` line resolves its
 configuration (``--print-config``, nothing is trained), other ``metaopt`` lines
-parse, ``make`` targets exist, benchmark scripts exist. JSON blocks parse (run-store
+parse, ``make`` targets exist, benchmark scripts parse their arguments (and stop
+there). JSON blocks parse (run-store
 rows validate). A page may put one directive in an HTML comment on the line before
 a block, visible in the Markdown source:
 
@@ -18,7 +19,9 @@ import io
 import json
 import pathlib
 import re
+import runpy
 import shlex
+import sys
 
 import numpy as np
 import pytest
@@ -74,7 +77,21 @@ def fill_run_store(path="runs.sqlite"):
 SETUPS = {"fill_run_store": fill_run_store}
 
 
-def run_command(line: str, makefile: str) -> None:
+def check_benchmark_arguments(script: pathlib.Path, args: list[str], command: str,
+                              monkeypatch) -> None:
+  """The script parses ``args`` with its own parser and exits 0 before any work."""
+  assert script.is_file(), command
+  with monkeypatch.context() as patch:
+    patch.setenv("METAOPT_BENCH_CHECK_ARGS", "1")
+    patch.setattr(sys, "argv", [str(script), *args])
+    patch.syspath_prepend(str(script.parent))   # the scripts' `import common`
+    err = io.StringIO()
+    with pytest.raises(SystemExit) as stop, contextlib.redirect_stderr(err):
+      runpy.run_path(str(script), run_name="__main__")
+  assert stop.value.code in (0, None), f"{command}: {err.getvalue().strip()}"
+
+
+def run_command(line: str, makefile: str, monkeypatch) -> None:
   for command in line.split("&&"):
     words = shlex.split(command, comments=True)
     if not words or words[0] in NOT_CHECKED:
@@ -88,7 +105,7 @@ def run_command(line: str, makefile: str) -> None:
     elif words[0] == "make":
       assert re.search(rf"^{words[1]}:", makefile, re.M), command
     elif words[0].endswith("python") and words[1].startswith("benchmarks/"):
-      assert (ROOT / words[1]).is_file(), command
+      check_benchmark_arguments(ROOT / words[1], words[2:], command, monkeypatch)
     else:
       pytest.fail(f"no check for the documented command {command!r}")
 
@@ -116,7 +133,7 @@ def test_every_code_block_runs(page, tmp_path, monkeypatch):
     elif language in ("bash", "sh", "text") and not directive:
       for command in code.splitlines():
         if command.strip() and not command.lstrip().startswith("#"):
-          run_command(command, makefile)
+          run_command(command, makefile, monkeypatch)
     elif language == "json":
       for row in code.strip().splitlines():
         validate_row(json.loads(row))
@@ -127,3 +144,13 @@ def test_a_stale_directive_fails(tmp_path):
   page.write_text('<!-- docs-test {"replace": [["steps=9", "steps=1"]]} -->\n```python\nx = 1\n```\n')
   (language, code, directive, line), = blocks(page)
   assert directive == {"replace": [["steps=9", "steps=1"]]} and "steps=9" not in code
+
+
+def test_a_documented_benchmark_option_the_script_lacks_fails(monkeypatch):
+  script = ROOT / "benchmarks" / "bench_hd_recovery.py"
+  check_benchmark_arguments(script, ["--seeds", "30", "--rule", "normalized, beta 0.1"], "ok",
+                            monkeypatch)
+  for args, says in ((["--rule", "normalized, beta 9"], "invalid choice"),
+                     (["--sedes", "30"], "unrecognized arguments")):
+    with pytest.raises(AssertionError, match=says):
+      check_benchmark_arguments(script, args, "bad", monkeypatch)

@@ -3,6 +3,7 @@
 models of its own families and its own optimizer settings."""
 
 import dataclasses
+import functools
 import json
 
 import pytest
@@ -13,7 +14,7 @@ from metaopt import config as config_lib
 from metaopt import experiments
 from metaopt.meta.rl import RLConfig
 from metaopt.meta.supervised import SupervisedConfig
-from metaopt.tasks import TaskConfig, task_family
+from metaopt.tasks import TaskConfig, speech, task_family
 from metaopt.tasks.tfds_data import load_class_pool
 
 NAMED = [(e, n) for e in experiments.REGISTRY for n in experiments.named_configs(e)]
@@ -114,8 +115,12 @@ def tiny(experiment: str, config, data_dir):
 
 
 @pytest.fixture
-def mock_tfds():
-  # Random examples for every tfds set and split, no network, no data folder.
+def mock_tfds(monkeypatch):
+  # Random examples for every tfds set and split, no network, no data folder. Mock
+  # utterances are 1 frame and under 24 characters: LibriSpeech's real maxima (1,600
+  # frames, 400 characters) would only pad them, at 100 times the work of each step.
+  monkeypatch.setattr(speech, "load_librispeech", functools.partial(
+      speech.load_librispeech, max_frames=8, max_label_length=24))
   with tfds.testing.mock_data(num_examples=12):
     yield
 
