@@ -72,8 +72,15 @@ the shipped controller, Prodigy and Prodigy with linear decay; the third to tent
 the same rule.
 
 ``--variants`` meta-trains and evaluates only the named variants (the four reference
-methods always run, in the same process and with the same seeds); the results go to
-results/benchmarks/bench_controller_prodigy.<variants>.json.
+methods always run, in the same process and with the same seeds; ``--variants ""``: none);
+the results go to results/benchmarks/bench_controller_prodigy.<variants>.json.
+
+``--lagged`` adds the shipped controller with its LR lagged one step (each update applies
+the LR chosen at the step before, which takes the controller network off the update's
+critical path: bench_learned_lr_overhead.py, ``--ablate``; ``pretrained_lr(lagged=True)``),
+with the shipped weights as they are, not meta-trained for it. Rule, fixed before it first ran: the lag can be adopted
+without re-meta-training if its mean final validation accuracy is at most 0.5 point
+below the shipped controller's (the held-out tasks reported only).
 """
 
 from __future__ import annotations
@@ -84,6 +91,7 @@ import time
 
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import common
 from bench_controller_features import VALIDATION as MLP_VALIDATION
@@ -92,7 +100,7 @@ from metaopt.experiments.lr_schedule import HELDOUT, default_config
 from metaopt.experiments.protocol import seed_keys
 from metaopt.meta import lr as meta_lr
 from metaopt.schedules.baselines import BaseOptimizer, scheduled, self_tuning
-from metaopt.schedules.learned_lr import load_controller
+from metaopt.schedules.learned_lr import load_controller, pretrained_lr
 from metaopt.tasks import TaskConfig, make_task, task_family
 from metaopt.tasks.models import VMAPPED
 from metaopt.train import train_grid
@@ -137,9 +145,12 @@ VALIDATION = (MLP_VALIDATION + (TaskConfig("digits_28", "resnet18", 4, 2, 32, 30
               + ENCODER_VALIDATION)
 
 
-def methods(steps: int, shipped, trained: dict) -> dict:
+LAGGED = "shipped controller, LR lagged one step"
+
+
+def methods(steps: int, shipped, trained: dict, with_lagged: bool = False) -> dict:
   """name -> make_tx(_) for one task of ``steps`` steps; ``trained``: variant name ->
-  (controller, theta, config)."""
+  (controller, theta, config); ``with_lagged``: also the shipped controller lagged."""
   s_controller, s_theta, s_config = shipped
   constant = scheduled(("constant",), steps, s_config.optimizer)
   out = {
@@ -149,18 +160,40 @@ def methods(steps: int, shipped, trained: dict) -> dict:
       "Prodigy": lambda _: self_tuning("prodigy"),
       "Prodigy, linear decay": lambda _: self_tuning("prodigy_linear_decay", steps),
   }
+  if with_lagged:
+    # pretrained_lr: the shipped controller's scale_by_learned_lr (check_pretrained_is_shipped).
+    out[LAGGED] = lambda _: optax.chain(
+        s_config.optimizer.direction(eps_root=1e-8, total_steps=steps),
+        pretrained_lr(total_steps=steps, lagged=True))
   for name, (controller, theta, config) in trained.items():
     out[name] = lambda _, c=controller, t=theta, m=config: meta_lr.learned_lr_tx(c, t, m, steps)
   return out
 
 
-def evaluate(task_config: TaskConfig, seeds: int, shipped, trained: dict) -> dict:
+def check_pretrained_is_shipped(shipped, steps: int = 100) -> None:
+  """``pretrained_lr`` on the base direction makes the updates of the "shipped controller"
+  method, so the lagged method differs from it by the lag alone."""
+  s_controller, s_theta, s_config = shipped
+  ours = meta_lr.learned_lr_tx(s_controller, s_theta, s_config, steps)
+  theirs = optax.chain(s_config.optimizer.direction(eps_root=1e-8, total_steps=steps),
+                       pretrained_lr(total_steps=steps))
+  params = jnp.ones(3)
+  a, b = ours.init(params), theirs.init(params)
+  for t in range(30):
+    grad, loss = jnp.sin(jnp.arange(3.0) + t), 2.0 / (1.0 + 0.1 * t)
+    ua, a = ours.update(grad, a, params, value=loss)
+    ub, b = theirs.update(grad, b, params, value=loss)
+    np.testing.assert_allclose(ua, ub, rtol=1e-6)
+
+
+def evaluate(task_config: TaskConfig, seeds: int, shipped, trained: dict,
+             with_lagged: bool = False) -> dict:
   """Final validation and test accuracy of every method, one entry per seed."""
   task = make_task(task_config)
   steps = task_config.total_steps
   keys = seed_keys(seeds, task_config.seed)
   out = {}
-  for name, make_tx in methods(steps, shipped, trained).items():
+  for name, make_tx in methods(steps, shipped, trained, with_lagged).items():
     res, _ = train_grid(task, make_tx, jnp.zeros(seeds), keys, steps=steps,
                         eval_every=steps // 10, vectorize=task_config.model in VMAPPED)
     out[name] = dict(val=res.val_accuracy[:, -1].tolist(), test=res.test_accuracy[:, -1].tolist())
@@ -170,14 +203,16 @@ def evaluate(task_config: TaskConfig, seeds: int, shipped, trained: dict) -> dic
 def add_variants_arg(parser):
   parser.add_argument("--variants", default=",".join(VARIANTS),
                       help=f"comma-separated variants to meta-train and evaluate, of: "
-                           f"{', '.join(VARIANTS)} (default: all)")
+                           f"{', '.join(VARIANTS)} (default: all; \"\": none)")
+  parser.add_argument("--lagged", action="store_true",
+                      help="also the shipped controller with its LR lagged one step")
 
 
 def main():
   args = common.parse_args(__doc__.splitlines()[0], add_variants_arg)
-  keys = args.variants.split(",")
+  keys = [k for k in args.variants.split(",") if k]
   unknown = [k for k in keys if k not in VARIANTS]
-  if unknown or not keys:
+  if unknown or not (keys or args.lagged):
     print(f"--variants {args.variants!r}: accepted: {', '.join(VARIANTS)}", file=sys.stderr)
     raise SystemExit(2)
   base = default_config().meta
@@ -211,16 +246,19 @@ def main():
                         mean_multiplier_last=float(np.mean(lrs[-tenth:])))
     print(f"  mean multiplier {record[name]['mean_multiplier_first']:.3f} over the first and "
           f"{record[name]['mean_multiplier_last']:.3f} over the last tenth of meta steps")
+  if args.lagged:
+    check_pretrained_is_shipped(shipped)
   result = dict(meta_training=record, seeds=seeds, margin=MARGIN, validation={}, heldout={})
   for split, configs in (("validation", validation), ("heldout", heldout)):
     for task_config in configs:
       start = time.perf_counter()
-      result[split][task_config.name] = evaluate(task_config, seeds, shipped, trained)
+      result[split][task_config.name] = evaluate(task_config, seeds, shipped, trained,
+                                                 args.lagged)
       print(task_config.name, {k: round(float(np.mean(v["val" if split == "validation" else "test"])), 4)
                                for k, v in result[split][task_config.name].items()},
             f"{time.perf_counter() - start:.0f} s", flush=True)
 
-  names = list(methods(10, shipped, trained))
+  names = list(methods(10, shipped, trained, args.lagged))
   for split, metric in (("validation", "val"), ("heldout", "test")):
     if not result[split]:
       continue
@@ -238,14 +276,20 @@ def main():
     # rival -> the margin to beat it by. The first variant's rule as written before its
     # first run; since then a variant must beat every other single run of the benchmark.
     margins = ({"shipped controller": MARGIN, "Prodigy": 0.0} if name == FIRST_VARIANT
-               else {n: MARGIN for n in means if n not in trained})
+               else {n: MARGIN for n in means if n not in trained and n != LAGGED})
     gains = {r: means[name] - means[r] for r in margins}
     replace = all(gains[r] >= m for r, m in margins.items())
     verdicts[name] = dict(gains=gains, replace=replace)
     print(f"validation, {name}: " + ", ".join(f"{g:+.4f} over {r}" for r, g in gains.items())
           + f": {'replace' if replace else 'keep the shipped controller'}")
+  if args.lagged:
+    gap = means[LAGGED] - means["shipped controller"]
+    verdicts[LAGGED] = dict(gain_over_shipped=gap, adoptable=gap >= -MARGIN)
+    print(f"validation, {LAGGED}: {gap:+.4f} over the shipped controller: "
+          + ("adoptable" if gap >= -MARGIN else f"more than {MARGIN:g} below"))
   result.update(verdicts=verdicts)
-  name = NAME if len(keys) == len(VARIANTS) else f"{NAME}.{'+'.join(keys)}"
+  suffix = "+".join(keys + ["lagged"] * args.lagged)
+  name = NAME if len(keys) == len(VARIANTS) and not args.lagged else f"{NAME}.{suffix}"
   print(f"wrote {common.write_json(name, result, quick=args.quick)}")
 
 

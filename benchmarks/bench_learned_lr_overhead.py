@@ -43,7 +43,6 @@ import optax
 import common
 import metaopt
 from metaopt.experiments.lr_schedule import HELDOUT
-from metaopt.schedules.common import scale_by_lr
 from metaopt.tasks import TaskConfig, make_task
 
 NAME = "bench_learned_lr_overhead"
@@ -105,16 +104,6 @@ def _norm_only() -> optax.GradientTransformation:
   return optax.GradientTransformation(init, update)
 
 
-def _lagged(tx: optax.GradientTransformationExtraArgs) -> optax.GradientTransformationExtraArgs:
-  """``tx`` (a learned LR) applying the LR it chose at the previous step: the controller
-  network's result then feeds only the carried state, not this step's parameter update
-  (the unused freshly scaled updates are dead code to XLA)."""
-  def update(updates, state, params=None, **extra_args):
-    _, new_state = tx.update(updates, state, params, **extra_args)
-    return scale_by_lr(updates, state.learning_rate), new_state
-  return optax.GradientTransformationExtraArgs(tx.init, update)
-
-
 def ablations(total_steps: int, theta) -> dict:
   """Pieces of learned_lr's cost: the norm of the update alone (on adam + cosine), the
   learned LR without the controller network, and without the norm features; and the
@@ -135,7 +124,7 @@ def ablations(total_steps: int, theta) -> dict:
           optax.scale_by_adam(), metaopt.scale_by_learned_lr(
               zero, jnp.zeros((), jnp.float32), learning_rate=LR, total_steps=total_steps)),
       "pretrained_lr, LR lagged one step": lambda: optax.chain(
-          optax.scale_by_adam(), _lagged(metaopt.pretrained_lr(total_steps=total_steps))),
+          optax.scale_by_adam(), metaopt.pretrained_lr(total_steps=total_steps, lagged=True)),
   }
 
 

@@ -303,3 +303,43 @@ def test_bad_feature_lists_are_named(features, match):
   with pytest.raises(ValueError, match=f"MetaLRConfig: .*{match}"):
     metaopt.MetaLRConfig(family=metaopt.meta.lr.task_family(datasets=("iris",)),
                          features=features)
+
+
+@pytest.mark.parametrize("features", [None, NO_NORM], ids=["every feature", "no norm"])
+def test_lagged_applies_the_lr_chosen_at_the_step_before(features):
+  # Fixed gradients and losses: both transforms see the same inputs, so their LRs agree
+  # step for step, and the lagged one scales each direction by the previous step's LR.
+  names = metaopt.FEATURE_NAMES if features is None else features
+  theta = random_theta()
+  if features is not None:
+    keep = np.array([metaopt.FEATURE_NAMES.index(f) for f in names])
+    theta = {**theta, "Dense_0": {**theta["Dense_0"],
+                                  "kernel": theta["Dense_0"]["kernel"][keep]}}
+  make = lambda lagged: metaopt.scale_by_learned_lr(
+      CONTROLLER, theta, learning_rate=1e-2, total_steps=50, features=features, lagged=lagged)
+  now, late = make(False), make(True)
+  a, b = now.init(PARAMS), late.init(PARAMS)
+  previous = 1e-2
+  for t in range(12):
+    grads = jax.tree.map(lambda p: jnp.sin(p + t), PARAMS)
+    loss = 2.0 / (1.0 + t)
+    ua, a = now.update(grads, a, PARAMS, value=loss)
+    ub, b = late.update(grads, b, PARAMS, value=loss)
+    lr = float(metaopt.current_lr(a))
+    assert float(metaopt.current_lr(b)) == lr
+    jax.tree.map(lambda g, u: np.testing.assert_allclose(u, -lr * g, rtol=1e-6), grads, ua)
+    jax.tree.map(lambda g, u: np.testing.assert_allclose(u, -previous * g, rtol=1e-6), grads, ub)
+    previous = lr
+  assert previous != 1e-2  # the controller moved the LR, so the lag is visible
+
+
+def test_pretrained_lr_lagged_and_bad_values():
+  tx = optax.chain(optax.scale_by_adam(), metaopt.pretrained_lr(total_steps=100, lagged=True))
+  params, state, lrs = run(tx)
+  assert np.all(np.isfinite(np.asarray(lrs)))
+  for make in (lambda v: metaopt.pretrained_lr(total_steps=100, lagged=v),
+               lambda v: metaopt.scale_by_learned_lr(CONTROLLER, random_theta(),
+                                                     learning_rate=1e-3, total_steps=10,
+                                                     lagged=v)):
+    with pytest.raises(ValueError, match="lagged must be True or False, got 'yes'"):
+      make("yes")

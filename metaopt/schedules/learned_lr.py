@@ -32,7 +32,7 @@ from flax import serialization
 
 from metaopt.schedules.common import check_float_updates, current_lr, scale_by_lr
 from metaopt.validation import (check_choice, check_int, check_number, check_positive, renamed,
-                                required)
+                                required, shown)
 
 PyTree = Any
 
@@ -461,6 +461,7 @@ def scale_by_learned_lr(
     base_lr: Optional[float] = None,
     update_every: Optional[int] = None,
     features: Optional[Sequence[str]] = None,
+    lagged: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Scales updates by ``-lr``, with ``lr`` chosen each step by a learned controller.
 
@@ -490,6 +491,10 @@ def scale_by_learned_lr(
     features: the names from :data:`FEATURE_NAMES` the controller reads, in its input
       order (``None``: all). Without the :data:`NORM_FEATURES` the transform skips the
       norm of the update, a pass over every parameter at each step.
+    lagged: each update applies the LR the controller chose at the step before (the
+      first, ``learning_rate``), so this step's update does not wait for the controller
+      network. On small models on a CPU that is most of its cost (docs/benchmarks.md);
+      the shipped controller's accuracy is unchanged within its seeds.
 
   ``update`` takes the training loss as keyword ``value`` (required: without it
   the update raises) and an optional ``val_loss``; other extra args are ignored.
@@ -503,14 +508,16 @@ def scale_by_learned_lr(
                      max_log_change=max_log_change, response_time=response_time,
                      min_response_steps=min_response_steps, caller="scale_by_learned_lr",
                      update_every=1 if update_every is None else update_every,
-                     features=features)
+                     features=features, lagged=lagged)
 
 
 def _learned_lr(controller, theta, *, learning_rate, total_steps, caller: str,
-                **settings) -> optax.GradientTransformationExtraArgs:
+                lagged: bool = False, **settings) -> optax.GradientTransformationExtraArgs:
   """:func:`scale_by_learned_lr`, with errors naming ``caller``."""
   required(caller, "learning_rate", learning_rate, "the LR an untrained controller keeps")
   required(caller, "total_steps", total_steps, "the length of the training run")
+  if not isinstance(lagged, (bool, np.bool_)):
+    raise ValueError(f"{caller}: lagged must be True or False, got {shown(lagged)}")
   spec = _spec(controller, base_lr=learning_rate, caller=caller, **settings)
   _check_total_steps(total_steps, caller)
   memory = controller_memory(controller)
@@ -523,15 +530,16 @@ def _learned_lr(controller, theta, *, learning_rate, total_steps, caller: str,
     del params, extra_args
     loss = _training_loss(value, caller)
     check_float_updates(updates, caller)
+    previous_lr = state.learning_rate
     if not spec.reads_norm:
       state = advance(state, spec, loss=loss, val_loss=val_loss)
-      return scale_by_lr(updates, state.learning_rate), state
-    # The norm feature uses the previous step's update: this step's norm then
-    # needs no pass over the parameters before the scaling.
-    state = advance(state, spec, loss=loss, norm=state.features.last_norm,
-                    val_loss=val_loss)
-    features = state.features._replace(last_norm=_update_norm(updates))
-    return scale_by_lr(updates, state.learning_rate), state._replace(features=features)
+    else:
+      # The norm feature uses the previous step's update: this step's norm then
+      # needs no pass over the parameters before the scaling.
+      state = advance(state, spec, loss=loss, norm=state.features.last_norm,
+                      val_loss=val_loss)
+      state = state._replace(features=state.features._replace(last_norm=_update_norm(updates)))
+    return scale_by_lr(updates, previous_lr if lagged else state.learning_rate), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -785,6 +793,7 @@ def pretrained_lr(path: Union[str, pathlib.Path, None] = None, *,
                   min_response_steps: Optional[float] = None,
                   base_lr: Optional[float] = None,
                   update_every: Optional[int] = None,
+                  lagged: bool = False,
                   ) -> optax.GradientTransformationExtraArgs:
   """:func:`scale_by_learned_lr` with a saved controller: by default the one shipped with
   metaopt, or the folder ``path`` (:func:`save_controller`).
@@ -793,8 +802,8 @@ def pretrained_lr(path: Union[str, pathlib.Path, None] = None, *,
   gives a learned schedule with no meta-training. See ``docs/benchmarks.md`` for
   how the shipped weights were trained and how well they transfer.
   ``learning_rate``, ``update_every`` and each of the :data:`SETTINGS` left at ``None``
-  are those the controller was trained with. Every argument is named, so
-  ``optax.inject_hyperparams(pretrained_lr)`` can inject them.
+  are those the controller was trained with. ``lagged``: see :func:`scale_by_learned_lr`.
+  Every argument is named, so ``optax.inject_hyperparams(pretrained_lr)`` can inject them.
   """
   learning_rate = renamed("pretrained_lr", "learning_rate", learning_rate, "base_lr", base_lr)
   saved = load_controller(path)
@@ -806,4 +815,4 @@ def pretrained_lr(path: Union[str, pathlib.Path, None] = None, *,
       saved.controller, saved.theta, total_steps=total_steps,
       learning_rate=saved.learning_rate if learning_rate is None else learning_rate,
       update_every=saved.update_every if update_every is None else update_every,
-      features=saved.features, caller="pretrained_lr", **settings)
+      features=saved.features, caller="pretrained_lr", lagged=lagged, **settings)
