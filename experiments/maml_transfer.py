@@ -169,7 +169,7 @@ def _flops(fn, *args) -> Optional[float]:
 
 def initial_params(config: Config, model, key, dummy):
   """Random Conv4 weights, with every array but the head from ``config.backbone`` if set."""
-  params = model.init(key, dummy)["params"]
+  params = jax.jit(model.init)(key, dummy)["params"]
   if config.backbone is None:
     return params
   loaded, paths = load_params(config.backbone, {"params": params}, strict=False,

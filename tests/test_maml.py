@@ -202,6 +202,19 @@ def test_episodes_never_share_classes_across_splits():
     assert support["x"].shape == (4, 10, 8, 8, 1) and query["y"].shape == (4, 15)
 
 
+def test_compiled_sampling_draws_what_the_episodes_draw():
+  # sample() is compiled; each of its episodes is what episode() draws from its key.
+  pool = offline_fewshot_splits("digits")["train"]
+  key = jax.random.key(3)
+  for family in (SINE, fewshot_family(pool, n_way=3, k_shot=1, num_query=2)):
+    support, query = family.sample(key, 3)
+    for t, k in enumerate(jax.random.split(key, 3)):
+      one_support, one_query = family.episode(k)
+      for got, want in ((support, one_support), (query, one_query)):
+        for name in ("x", "y"):
+          np.testing.assert_allclose(got[name][t], want[name], rtol=1e-6)
+
+
 def test_rotations_are_new_classes():
   pool = offline_pool("digits")
   rotated = with_rotations(pool, (0, 90))

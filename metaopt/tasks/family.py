@@ -19,6 +19,14 @@ from metaopt.validation import check_choice, check_int, check_seed
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_variables(model, key, example) -> dict:
+  # Compiled once per model (flax modules compare by value) and example shape: op by op,
+  # a ResNet's or a Transformer's init dispatches hundreds of small programs.
+  return model.init(key, example)
+
+
 class TaskConfig(NamedTuple):
   """Everything that defines one inner training problem."""
 
@@ -76,7 +84,7 @@ class Task:
 
   def init_variables(self, key: jax.Array) -> dict:
     """Every variable collection of a fresh model: params and any state."""
-    return self.model.init(key, self.example())
+    return _init_variables(self.model, key, self.example())
 
   def init(self, key: jax.Array) -> Any:
     """Fresh model parameters."""

@@ -12,6 +12,7 @@ the classes into disjoint meta-train, meta-validation and meta-test pools.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, NamedTuple, Sequence
 
@@ -60,7 +61,13 @@ class SinusoidFamily(NamedTuple):
     return self.points(ks, task, self.k_shot), self.points(kq, task, self.num_query)
 
   def sample(self, key: jax.Array, meta_batch: int) -> Episodes:
-    return Episodes(*jax.vmap(self.episode)(jax.random.split(key, meta_batch)))
+    return _sample_sinusoids(self, key, meta_batch)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _sample_sinusoids(family: SinusoidFamily, key: jax.Array, meta_batch: int) -> Episodes:
+  # Compiled once per family and meta-batch: op by op, every call dispatched each primitive.
+  return Episodes(*jax.vmap(family.episode)(jax.random.split(key, meta_batch)))
 
 
 def sinusoid_family(k_shot: int = 10, num_query: int = 10) -> SinusoidFamily:
@@ -192,7 +199,16 @@ class FewShotFamily(NamedTuple):
     return batch(slice(0, self.k_shot)), batch(slice(self.k_shot, per_class))
 
   def sample(self, key: jax.Array, meta_batch: int) -> Episodes:
-    return Episodes(*jax.vmap(self.episode)(jax.random.split(key, meta_batch)))
+    return _sample_episodes(self.x, self.index, self.counts, key, self.n_way, self.k_shot,
+                            self.num_query, meta_batch)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
+def _sample_episodes(x, index, counts, key, n_way, k_shot, num_query, meta_batch) -> Episodes:
+  # Compiled once per pool shape, N, K, queries and meta-batch (the images are an argument,
+  # not a constant); op by op, every call dispatched each primitive.
+  family = FewShotFamily(x, index, counts, n_way, k_shot, num_query)
+  return Episodes(*jax.vmap(family.episode)(jax.random.split(key, meta_batch)))
 
 
 def fewshot_family(pool: ClassPool, *, n_way: int = 5, k_shot: int = 1,
