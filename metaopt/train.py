@@ -30,7 +30,6 @@ exact resume; meta-training (learned LRs, MAML) and pre-training run on it.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -362,22 +361,18 @@ def train_grid(task, make_tx: MakeTx, hparams: PyTree, keys: jax.Array, *,
   return jax.tree.map(np.asarray, result), time.perf_counter() - start
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _initial(model, stateful: bool, key, example) -> tuple:
-  # Task.init and Task.init_state of the key make_train_fn gives them; keyed by the model
-  # (flax modules compare by value) and the example's shape, so equal tasks share it.
-  variables = model.init(jax.random.split(key)[0], example)
-  state = {k: v for k, v in variables.items() if k != "params"} if stateful else None
-  return variables["params"], state
-
-
 def initial_variables(task, keys: jax.Array) -> tuple:
   """``(params, model_state)`` of one run per key, drawn as :func:`make_train_fn` draws
-  them. Compiled once per model and input shape and shared by every training program:
-  inlined into each, a tiny ResNet's initialization was 4 of the 7 s its program took to
-  compile. One key at a time: vmapped, it compiled twice as slowly."""
-  example = task.example()
-  draws = [_initial(task.model, task.stateful, key, example) for key in keys]
+  them. Compiled once per model and input shape (:meth:`Task.init_variables`) and shared
+  by every training program: inlined into each, a tiny ResNet's initialization was 4 of
+  the 7 s its program took to compile. One key at a time: vmapped, it compiled twice as
+  slowly."""
+  def draw(key):
+    variables = task.init_variables(jax.random.split(key)[0])
+    state = ({k: v for k, v in variables.items() if k != "params"} if task.stateful
+             else None)
+    return variables["params"], state
+  draws = [draw(key) for key in keys]
   return jax.tree.map(lambda *leaves: jnp.stack(leaves), *draws)
 
 

@@ -19,7 +19,6 @@ from metaopt.validation import check_choice, check_int, check_seed
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 
-
 @functools.partial(jax.jit, static_argnums=0)
 def _init_variables(model, key, example) -> dict:
   # Compiled once per model (flax modules compare by value) and example shape: op by op,
